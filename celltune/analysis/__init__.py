@@ -1,0 +1,1 @@
+"""celltune.analysis layer (see docs/ARCHITECTURE.md)."""

@@ -1,0 +1,1 @@
+"""celltune.data layer (see docs/ARCHITECTURE.md)."""

@@ -1,0 +1,1 @@
+"""celltune.eval layer (see docs/ARCHITECTURE.md)."""

@@ -1,0 +1,1 @@
+"""celltune.losses layer (see docs/ARCHITECTURE.md)."""

@@ -1,0 +1,1 @@
+"""celltune.model layer (see docs/ARCHITECTURE.md)."""

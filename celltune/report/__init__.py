@@ -1,0 +1,1 @@
+"""celltune.report layer (see docs/ARCHITECTURE.md)."""

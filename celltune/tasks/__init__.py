@@ -1,0 +1,1 @@
+"""celltune.tasks layer (see docs/ARCHITECTURE.md)."""

@@ -1,0 +1,1 @@
+"""celltune.train layer (see docs/ARCHITECTURE.md)."""
