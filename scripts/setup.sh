@@ -11,5 +11,5 @@ fi
 TORCH_VERSION=$("$PY" -c "import torch; print(torch.__version__.split('+')[0])")
 echo "torch==${TORCH_VERSION}" > "${TMPDIR:-/tmp}/celltune-torch-constraint.txt"
 # The constraint keeps pip from replacing the installed torch with a (CUDA) upgrade.
-"$PY" -m pip install --quiet -c "${TMPDIR:-/tmp}/celltune-torch-constraint.txt" -e ".[dev]"
+"$PY" -m pip install --quiet -c "${TMPDIR:-/tmp}/celltune-torch-constraint.txt" -e ".[dev,scvi]"
 echo "celltune installed (torch ${TORCH_VERSION})"
