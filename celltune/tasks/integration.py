@@ -1,0 +1,940 @@
+"""Batch-integration fine-tuning: scGPT's ``finetune_integration.py`` as a function.
+
+:func:`integrate` preprocesses (SPEC §1), builds or reuses a vocabulary, holds out a
+seeded, batch-stratified validation set, fine-tunes with the full integration objective
+(SPEC §4) through the one training loop (:class:`celltune.train.Trainer`), and embeds
+every cell. :func:`embed` gives zero-shot embeddings from any model directory.
+
+Evaluation (scIB metrics, baselines, plots, report) belongs to layers to the right of
+``tasks`` (see ``docs/ARCHITECTURE.md``); the ``celltune integrate`` command chains them
+(``celltune.cli.integrate.run_integrate`` is the Python equivalent of the command).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from celltune.errors import InputError
+from celltune.files import write_json_atomic
+from celltune.tasks.config import config_from_dict, diff_configs, dump_config, load_config
+from celltune.train.config import TrainConfig
+
+if TYPE_CHECKING:
+    import torch
+    from anndata import AnnData
+    from torch import nn
+
+logger = logging.getLogger(__name__)
+
+EMBEDDING_KEY = "X_celltune"
+SPLIT_KEY = "celltune_split"
+#: Sidecar in a model directory with what scGPT's ``args.json`` does not carry (batch
+#: categories, tokenisation) so that ``embed`` reproduces the fine-tuned run's embedding.
+TASK_FILE = "celltune_task.json"
+KNOWN_BASELINES = ("pca", "harmony", "scvi")
+
+# Settings a --resume may change without changing what the checkpoint means.
+_RESUME_MAY_CHANGE = (
+    "train.epochs",
+    "train.quiet",
+    "train.log_every",
+    "train.num_workers",
+    "train.pin_memory",
+    "train.device",
+    "train.patience",
+    "train.checkpoint_every",
+    "eval",
+)
+
+
+# ----------------------------------------------------------------------------- config
+@dataclass
+class DataSection:
+    """Input columns and SPEC §1 preprocessing (defaults = scGPT's integration script)."""
+
+    batch_key: str | None = None
+    label_key: str | None = None
+    layer: str | None = None
+    gene_column: str | None = None
+    data_is_raw: bool = True
+    filter_gene_by_counts: int | None = 3
+    filter_cell_by_counts: int | None = None
+    normalize_total: float | None = 1e4
+    log1p: bool = True
+    n_hvg: int | None = 1200
+    hvg_flavor: str | None = None
+    n_bins: int = 51
+    valid_fraction: float = 0.1
+    min_batch_cells: int = 20
+    max_cells: int | None = None
+
+
+@dataclass
+class TokenSection:
+    """Tokenisation (SPEC §2). ``max_seq_len`` counts ``<cls>``; ``mask_cls=False`` never
+    masks the ``<cls>`` position (the reference can; excluding it is the cleaner choice)."""
+
+    include_zero_gene: bool = True
+    max_seq_len: int = 1201
+    mask_ratio: float = 0.4
+    mask_value: float = -1.0
+    pad_value: float = -2.0
+    mask_cls: bool = False
+
+
+@dataclass
+class ModelSection:
+    """Architecture (SPEC §3). With ``pretrained`` the trunk sizes come from its args.json."""
+
+    pretrained: str | None = None
+    d_model: int = 128
+    nhead: int = 4
+    d_hid: int = 128
+    nlayers: int = 4
+    nlayers_cls: int = 3
+    dropout: float = 0.2
+    attn_dropout: float = 0.0
+    input_emb_style: str = "continuous"
+    cell_emb_style: str = "cls"
+    pre_norm: bool = False
+    explicit_zero_prob: bool = True
+    use_batch_labels: bool = True
+    dab: bool = True
+    dsbn: bool = True
+    dsbn_mode: str = "per_cell"
+
+
+@dataclass
+class ObjectiveSection:
+    """SPEC §4 integration objective: one weight per term; a weight of 0 switches it off
+    (and the head it needs is not computed)."""
+
+    mse_weight: float = 1.0
+    zero_prob_weight: float = 1.0
+    gepc_weight: float = 1.0
+    gepc_zero_prob_weight: float = 1.0
+    ecs_weight: float = 10.0
+    ecs_threshold: float = 0.8
+    dab_weight: float = 1.0
+
+
+@dataclass
+class EvalSection:
+    """Evaluation after training (used by the ``integrate`` command, not by training)."""
+
+    eval_cells: int | None = None
+    baselines: list[str] = field(default_factory=lambda: list(KNOWN_BASELINES))
+    clustering: str = "leiden"
+    scvi_max_epochs: int | None = None
+    umap: bool = True
+
+
+def _default_train() -> TrainConfig:
+    """SPEC §4 training defaults; best model and early stopping on validation MSE."""
+    return TrainConfig(select_metric="val/mse", select_mode="min", patience=5)
+
+
+@dataclass
+class IntegrationConfig:
+    """Everything ``celltune integrate`` needs; ``config.yaml`` is this tree, resolved."""
+
+    data: DataSection = field(default_factory=DataSection)
+    tokens: TokenSection = field(default_factory=TokenSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    objective: ObjectiveSection = field(default_factory=ObjectiveSection)
+    train: TrainConfig = field(default_factory=_default_train)
+    eval: EvalSection = field(default_factory=EvalSection)
+
+    @classmethod
+    def load(
+        cls, path: str | Path | None = None, overrides: Mapping[str, Any] | None = None
+    ) -> IntegrationConfig:
+        """``defaults < YAML < overrides`` (see :func:`celltune.tasks.config.load_config`)."""
+        return load_config(path, overrides, schema=cls)
+
+    def validate(self) -> None:
+        """Reject impossible settings before any data is touched (each names its fix)."""
+        d, t, o = self.data, self.tokens, self.objective
+        if not d.batch_key:
+            raise InputError(
+                "no batch column given: pass --batch-key COLUMN (the obs column that names "
+                "each cell's batch), or set data.batch_key in the config"
+            )
+        if not 0.0 < d.valid_fraction < 1.0:
+            raise InputError(
+                f"data.valid_fraction must be in (0, 1), got {d.valid_fraction}; scGPT uses 0.1"
+            )
+        if d.max_cells is not None and d.max_cells < 10:
+            raise InputError(f"data.max_cells must be >= 10 (got {d.max_cells}) or unset")
+        if t.max_seq_len < 2:
+            raise InputError(f"--max-seq-len must be >= 2 (got {t.max_seq_len}): <cls> + genes")
+        if not 0.0 < t.mask_ratio < 1.0:
+            raise InputError(f"tokens.mask_ratio must be in (0, 1), got {t.mask_ratio}")
+        for name in (
+            "mse_weight",
+            "zero_prob_weight",
+            "gepc_weight",
+            "gepc_zero_prob_weight",
+            "ecs_weight",
+            "dab_weight",
+        ):
+            if getattr(o, name) < 0:
+                raise InputError(f"objective.{name} must be >= 0 (0 switches the term off)")
+        if o.mse_weight == 0 and o.gepc_weight == 0:
+            raise InputError(
+                "objective.mse_weight and objective.gepc_weight are both 0: the model would "
+                "learn no expression; keep at least one > 0"
+            )
+        unknown = [b for b in self.eval.baselines if b not in KNOWN_BASELINES]
+        if unknown:
+            raise InputError(
+                f"unknown baseline(s) {', '.join(unknown)}: choose from "
+                f"{','.join(KNOWN_BASELINES)} (e.g. --baselines pca,harmony)"
+            )
+        if self.eval.eval_cells is not None and self.eval.eval_cells < 20:
+            raise InputError(f"--eval-cells must be >= 20 (got {self.eval.eval_cells}) or unset")
+
+
+# ----------------------------------------------------------------------------- result
+@dataclass
+class IntegrationResult:
+    """What :func:`integrate` returns.
+
+    ``adata``: the input cells (after cell filtering / ``max_cells``) with all input genes,
+    ``obsm['X_celltune']`` and ``obs['celltune_split']``. ``processed``: the preprocessed,
+    HVG-restricted AnnData the model saw (``layers['X_normed']``/``['X_binned']``, also with
+    the embedding), which baselines should use. ``metrics`` is filled by the evaluation step.
+    """
+
+    adata: AnnData
+    processed: AnnData
+    model: nn.Module
+    vocab: Any
+    config: IntegrationConfig
+    history: pd.DataFrame
+    best_epoch: int | None
+    stopped_early: bool
+    out_dir: Path | None
+    files: dict[str, Path] = field(default_factory=dict)
+    train_seconds: float = 0.0
+    n_genes_matched: int | None = None
+    metrics: pd.DataFrame | None = None
+
+
+# ----------------------------------------------------------------------------- checks
+def _gene_names(adata: AnnData, gene_column: str | None) -> pd.Index:
+    if gene_column is None:
+        return pd.Index(adata.var_names.astype(str))
+    if gene_column not in adata.var.columns:
+        raise InputError(
+            f"gene column {gene_column!r} is not in var (columns: "
+            f"{', '.join(map(str, adata.var.columns)) or 'none'}); omit it to use var_names"
+        )
+    return pd.Index(adata.var[gene_column].astype(str))
+
+
+def _batch_categories(col: pd.Series) -> list[str]:
+    """Category order = the column's categories when categorical (user order), else sorted."""
+    values = col.astype(str)
+    if isinstance(col.dtype, pd.CategoricalDtype):
+        present = set(values.unique())
+        return [str(c) for c in col.cat.categories if str(c) in present]
+    return sorted(values.unique())
+
+
+def check_integration_input(adata: AnnData, cfg: IntegrationConfig) -> list[str]:
+    """Validate the obs columns against the config; returns the batch categories.
+
+    A single batch makes DAB and DSBN meaningless, so it is an error unless both were
+    switched off explicitly; tiny batches only warn (they train, but their DSBN statistics
+    and metrics are noisy).
+    """
+    from celltune.data import io
+
+    if adata.n_obs < 20:
+        raise InputError(
+            f"only {adata.n_obs} cells: integration fine-tuning needs at least 20 "
+            "(10% are held out for validation)"
+        )
+    assert cfg.data.batch_key is not None
+    col = io.require_obs_column(adata, cfg.data.batch_key, "integration (--batch-key)")
+    if cfg.data.label_key is not None:
+        io.require_obs_column(adata, cfg.data.label_key, "evaluation (--label-key)")
+    if not adata.obs_names.is_unique:
+        raise InputError(
+            "cell names (obs_names) are not unique, but celltune keys every cell's random "
+            "draws and outputs on its name: call adata.obs_names_make_unique() first"
+        )
+    cats = _batch_categories(col)
+    m = cfg.model
+    if len(cats) < 2:
+        if m.dab or m.dsbn:
+            raise InputError(
+                f"batch column {cfg.data.batch_key!r} holds a single batch ({cats[0]!r}): "
+                "domain adaptation (DAB) and domain-specific batch norm (DSBN) need at least "
+                "2 batches. Choose a column with several batches, or pass --no-dab --no-dsbn "
+                "to fine-tune without them (nothing will be batch-corrected)"
+            )
+        logger.warning(
+            "single batch %r: fine-tuning without DAB/DSBN as requested; batch metrics are skipped",
+            cats[0],
+        )
+    counts = col.astype(str).value_counts()
+    small = counts[counts < cfg.data.min_batch_cells]
+    if len(small):
+        logger.warning(
+            "batch(es) with fewer than %d cells: %s; their DSBN statistics and batch "
+            "metrics will be noisy (consider merging or dropping them)",
+            cfg.data.min_batch_cells,
+            ", ".join(f"{k} ({v})" for k, v in small.items()),
+        )
+    return cats
+
+
+def stratified_split(
+    batches: Iterable[Any], fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded train/validation indices, ``fraction`` of every batch held out.
+
+    Each batch with at least 2 cells contributes at least one validation cell, so the
+    validation loss sees every domain (what DSBN/DAB are trained on).
+    """
+    b = np.asarray(list(batches)).astype(str)
+    rng = np.random.default_rng([int(seed), 0x5E1])
+    val: list[np.ndarray] = []
+    for cat in sorted(np.unique(b)):
+        idx = np.flatnonzero(b == cat)
+        n_val = round(fraction * idx.size)
+        n_val = min(max(n_val, 1), idx.size - 1) if idx.size >= 2 else 0
+        val.append(rng.permutation(idx)[:n_val])
+    val_idx = np.sort(np.concatenate(val)) if val else np.zeros(0, dtype=np.int64)
+    train_mask = np.ones(b.size, dtype=bool)
+    train_mask[val_idx] = False
+    return np.flatnonzero(train_mask), val_idx
+
+
+def _subsample_cells(adata: AnnData, n: int, batch_key: str, seed: int) -> AnnData:
+    """Seeded, batch-stratified subsample of ``n`` cells (for quick runs)."""
+    if adata.n_obs <= n:
+        return adata
+    b = adata.obs[batch_key].astype(str).to_numpy()
+    rng = np.random.default_rng([int(seed), 0xCE11])
+    keep: list[np.ndarray] = []
+    for cat in sorted(np.unique(b)):
+        idx = np.flatnonzero(b == cat)
+        k = max(1, round(n * idx.size / b.size))
+        keep.append(rng.permutation(idx)[:k])
+    sel = np.sort(np.concatenate(keep))
+    logger.info("subsampled %d of %d cells (data.max_cells=%d)", sel.size, adata.n_obs, n)
+    return adata[sel].copy()
+
+
+# ----------------------------------------------------------------------------- model
+def _build_model(
+    cfg: IntegrationConfig, vocab: Any, n_batches: int, pretrained: nn.Module | None
+) -> nn.Module:
+    """A CellTransformer for integration; with ``pretrained`` its trunk is reused."""
+    from celltune.model.checkpoint import load_weights
+    from celltune.model.config import ModelConfig
+    from celltune.model.model import CellTransformer
+
+    m, o, t = cfg.model, cfg.objective, cfg.tokens
+    batch_parts = {
+        "do_mvc": o.gepc_weight > 0,
+        "explicit_zero_prob": m.explicit_zero_prob,
+        "do_dab": m.dab and o.dab_weight > 0,
+        "use_batch_labels": m.use_batch_labels,
+        "num_batch_labels": n_batches if (m.use_batch_labels or m.dab or m.dsbn) else 0,
+        "domain_spec_batchnorm": bool(m.dsbn),
+        "dsbn_mode": m.dsbn_mode,
+        "ecs_threshold": o.ecs_threshold,
+        "dropout": m.dropout,
+        "attn_dropout": m.attn_dropout,
+        "pad_value": t.pad_value,
+    }
+    if pretrained is not None:
+        base = pretrained.config  # type: ignore[attr-defined]
+        mc = dataclasses.replace(base, **batch_parts)
+        model = CellTransformer(mc, vocab=pretrained.vocab)  # type: ignore[attr-defined]
+        report = load_weights(model, pretrained.state_dict())
+        logger.info("pretrained weights: %s", report.summary())
+        return model
+    mc = ModelConfig(
+        ntoken=vocab.ntoken,
+        d_model=m.d_model,
+        nhead=m.nhead,
+        d_hid=m.d_hid,
+        nlayers=m.nlayers,
+        nlayers_cls=m.nlayers_cls,
+        n_cls=1,
+        pad_id=vocab.pad_id,
+        pad_token=getattr(vocab, "pad_token", "<pad>"),
+        input_emb_style=m.input_emb_style,
+        n_input_bins=cfg.data.n_bins,
+        cell_emb_style=m.cell_emb_style,
+        mvc_decoder_style="inner product",
+        pre_norm=m.pre_norm,
+        **batch_parts,
+    )
+    return CellTransformer(mc, vocab=vocab)
+
+
+def _objective(cfg: IntegrationConfig) -> Any:
+    from celltune.losses import IntegrationObjective, ObjectiveWeights
+
+    o, m = cfg.objective, cfg.model
+    weights = ObjectiveWeights(
+        mlm=o.mse_weight,
+        zero_prob=o.zero_prob_weight if m.explicit_zero_prob else 0.0,
+        gepc=o.gepc_weight,
+        gepc_zero_prob=o.gepc_zero_prob_weight if m.explicit_zero_prob else 0.0,
+        ecs_weight=o.ecs_weight,
+        ecs_threshold=o.ecs_threshold,
+        dab_weight=o.dab_weight if m.dab else 0.0,
+        cls_weight=0.0,
+        cce_weight=0.0,
+    )
+    objective = IntegrationObjective(weights)
+
+    def run(outputs: Any, batch: Any, mask: Any) -> tuple[Any, dict[str, Any]]:
+        # History columns without scGPT's "loss_" prefix: train/mse, val/mse, val/dab, ...
+        total, terms = objective(outputs, batch, mask)
+        return total, {k.removeprefix("loss_"): v for k, v in terms.items()}
+
+    return run
+
+
+def _batch_labels_for(module: nn.Module, batch: Mapping[str, torch.Tensor]) -> Any:
+    mc = module.config  # type: ignore[attr-defined]
+    needs = mc.use_batch_labels or mc.use_dsbn or mc.do_dab
+    return batch["batch_labels"] if needs else None
+
+
+def _forward(model: nn.Module, module: nn.Module, batch: Mapping[str, torch.Tensor], cfg: Any):
+    o = cfg.objective
+    return model(
+        batch["gene_ids"],
+        batch["values"],
+        padding_mask=batch["padding_mask"],
+        batch_labels=_batch_labels_for(module, batch),
+        MVC=o.gepc_weight > 0,
+        ECS=False,  # the objective computes ECS from cell_emb itself
+    )
+
+
+# ----------------------------------------------------------------------------- embedding
+def embed_cells(
+    model: nn.Module,
+    dataset: Any,
+    collator: Any,
+    *,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    quiet: bool = False,
+    normalize: bool = True,
+) -> np.ndarray:
+    """Cell embeddings (cells × d, float32) in dataset order, L2-normalised as scGPT does.
+
+    Eval mode, no masking, per-cell randomness (gene sub-sampling) keyed on the cell, and
+    per-cell DSBN: a cell's embedding does not depend on the chunk it is computed in.
+    """
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    device = torch.device(device)
+    model = model.to(device)
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator)
+    out = np.zeros((len(dataset), model.config.d_model), dtype=np.float32)  # type: ignore[attr-defined]
+    try:
+        with torch.no_grad():
+            for batch in tqdm(loader, desc="embedding", unit="batch", disable=quiet, leave=False):
+                idx = batch["cell_index"].numpy()
+                labels = _batch_labels_for(model, batch)
+                emb = model.embed(  # type: ignore[attr-defined]
+                    batch["gene_ids"].to(device),
+                    batch["values"].to(device),
+                    batch["padding_mask"].to(device),
+                    batch_labels=None if labels is None else labels.to(device),
+                )
+                out[idx] = emb.float().cpu().numpy()
+    finally:
+        model.train(was_training)
+    if normalize:
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        out = out / np.maximum(norms, 1e-12)
+    return out
+
+
+# ----------------------------------------------------------------------------- integrate
+def _check_resume(cfg: IntegrationConfig, out_dir: Path, resume: bool) -> None:
+    from celltune.train import CHECKPOINT_NAME
+
+    ckpt = out_dir / CHECKPOINT_NAME
+    saved = out_dir / "config.yaml"
+    if not resume:
+        if ckpt.is_file():
+            raise InputError(
+                f"{out_dir} already holds a training checkpoint ({CHECKPOINT_NAME}): pass "
+                "--resume to continue that run, or choose a new --out directory"
+            )
+        return
+    if not saved.is_file():
+        return
+    before = load_config(saved, schema=IntegrationConfig)
+    changed = diff_configs(before, cfg, ignore=_RESUME_MAY_CHANGE)
+    if changed:
+        raise InputError(
+            f"--resume with settings that differ from the checkpointed run in {out_dir} "
+            f"({', '.join(changed)}): re-run with the original settings (see its "
+            "config.yaml), or start a new run in another --out directory"
+        )
+
+
+def _write_model_dir(model: nn.Module, vocab: Any, path: Path, task: Mapping[str, Any]) -> None:
+    from celltune.model.checkpoint import save_model
+
+    save_model(model, path, vocab)
+    write_json_atomic(path / TASK_FILE, dict(task))
+
+
+def integrate(
+    adata: AnnData,
+    config: IntegrationConfig | Mapping[str, Any] | None = None,
+    out_dir: str | Path | None = None,
+    *,
+    resume: bool = False,
+) -> IntegrationResult:
+    """Fine-tune a model for batch integration on ``adata`` and embed every cell.
+
+    ``config``: an :class:`IntegrationConfig` (or a nested dict of the same shape).
+    ``out_dir``: where ``config.yaml``, ``history.csv``, checkpoints, ``model/`` and
+    ``integrated.h5ad`` go (``None``: a temporary directory, nothing kept).
+    ``resume``: continue from ``out_dir/checkpoint.pt`` (same settings required).
+    """
+    import torch
+
+    from celltune.data import io
+    from celltune.data.binning import cell_keys
+    from celltune.data.dataset import CellDataset, TokenCollator
+    from celltune.data.preprocess import PreprocessConfig, preprocess
+    from celltune.data.sampler import BatchAwareSampler
+    from celltune.data.vocab import GeneVocab
+    from celltune.losses import masked_mse
+    from celltune.train import Trainer, make_loader
+    from celltune.train import distributed as dist_utils
+
+    t_start = time.perf_counter()
+    if config is None:
+        cfg = IntegrationConfig()
+    elif isinstance(config, IntegrationConfig):
+        cfg = copy.deepcopy(config)  # the caller's object is not changed
+    else:
+        cfg = config_from_dict(IntegrationConfig, config)
+    cfg.validate()
+    d, t, m = cfg.data, cfg.tokens, cfg.model
+    seed = cfg.train.seed
+    quiet = cfg.train.quiet
+    assert d.batch_key is not None
+
+    batch_cats = check_integration_input(adata, cfg)  # before anything is written
+    tmp_dir: tempfile.TemporaryDirectory[str] | None = None
+    if out_dir is None:
+        tmp_dir = tempfile.TemporaryDirectory(prefix="celltune-integrate-")
+        out = Path(tmp_dir.name)
+    else:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        _check_resume(cfg, out, resume)
+
+    # 1. pretrained vocabulary, preprocessing -----------------------------------------
+    pretrained = None
+    n_matched = None
+    ad_in = adata
+    if m.pretrained:
+        from celltune.model.checkpoint import load_model
+
+        pretrained = load_model(m.pretrained, device="cpu")
+        vocab = pretrained.vocab
+        if vocab is None:
+            raise InputError(
+                f"pretrained model {m.pretrained} has no vocab.json: a model directory needs "
+                "args.json, vocab.json and best_model.pt"
+            )
+        match = vocab.match_genes(list(_gene_names(adata, d.gene_column)))  # logs the count
+        n_matched = int(match.n_matched)
+        ad_in = adata[:, np.asarray(match.matched, dtype=bool)]
+        # The resolved config reports the architecture actually used.
+        pc = pretrained.config
+        for name in ("d_model", "nhead", "d_hid", "nlayers", "nlayers_cls", "input_emb_style"):
+            setattr(m, name, getattr(pc, name))
+        m.cell_emb_style, m.pre_norm = pc.cell_emb_style, pc.pre_norm
+        if pc.pad_value != t.pad_value:
+            logger.info("using the pretrained model's pad_value %s", pc.pad_value)
+            t.pad_value = float(pc.pad_value)
+    if d.max_cells is not None:
+        ad_in = _subsample_cells(ad_in, d.max_cells, d.batch_key, seed)
+    if out_dir is not None and dist_utils.is_main_process():  # after _check_resume
+        dump_config(cfg, out / "config.yaml", header="celltune integrate: resolved configuration")
+
+    pp_cfg = PreprocessConfig(
+        layer=d.layer,
+        data_is_raw=d.data_is_raw,
+        filter_gene_by_counts=d.filter_gene_by_counts,
+        filter_cell_by_counts=d.filter_cell_by_counts,
+        normalize_total=d.normalize_total,
+        log1p=d.log1p,
+        n_hvg=d.n_hvg,
+        hvg_flavor=d.hvg_flavor,
+        batch_key=d.batch_key if len(batch_cats) > 1 else None,
+        n_bins=d.n_bins,
+        seed=seed,
+    )
+    if d.n_hvg and ad_in.n_vars <= d.n_hvg:
+        logger.info("n_hvg %d >= genes available (%d): keeping all genes", d.n_hvg, ad_in.n_vars)
+        pp_cfg = dataclasses.replace(pp_cfg, n_hvg=0)
+    pp = preprocess(ad_in, pp_cfg, quiet=quiet)
+    genes = list(_gene_names(pp, d.gene_column))
+    if pretrained is None:
+        vocab = GeneVocab.from_genes(genes)
+    gene_ids = np.asarray(vocab.match_genes(genes).ids, dtype=np.int64)
+
+    # 2. split, datasets, loaders ------------------------------------------------------
+    train_idx, val_idx = stratified_split(pp.obs[d.batch_key], d.valid_fraction, seed)
+    split = np.full(pp.n_obs, "train", dtype=object)
+    split[val_idx] = "valid"
+    pp.obs[SPLIT_KEY] = pd.Categorical(split, categories=["train", "valid"])
+    logger.info(
+        "%s cells: %s train / %s validation, %d batches, %d genes",
+        f"{pp.n_obs:,}",
+        f"{train_idx.size:,}",
+        f"{val_idx.size:,}",
+        len(batch_cats),
+        pp.n_vars,
+    )
+    ds_kwargs: dict[str, Any] = {
+        "layer": "X_binned",
+        "batch_key": d.batch_key,
+        "batch_categories": batch_cats,
+    }
+    train_ds = CellDataset(pp[train_idx].copy(), gene_ids, **ds_kwargs)
+    val_ds = CellDataset(pp[val_idx].copy(), gene_ids, **ds_kwargs)
+    all_ds = CellDataset(pp, gene_ids, **ds_kwargs)
+    coll_kwargs: dict[str, Any] = {
+        "n_genes": pp.n_vars,
+        "gene_ids": gene_ids,
+        "cls_id": vocab.cls_id,
+        "pad_id": vocab.pad_id,
+        "include_zero_gene": t.include_zero_gene,
+        "max_seq_len": t.max_seq_len,
+        "pad_value": t.pad_value,
+        "mask_value": t.mask_value,
+        "mask_cls": t.mask_cls,
+        "seed": seed,
+    }
+    train_coll = TokenCollator(mask_ratio=t.mask_ratio, **coll_kwargs)
+    # The validation masks stay fixed (epoch 0) so val/mse is comparable across epochs.
+    val_coll = TokenCollator(mask_ratio=t.mask_ratio, **coll_kwargs)
+    embed_coll = TokenCollator(mask_ratio=0.0, **coll_kwargs)
+
+    tc = cfg.train
+    if m.dsbn:
+        sampler = BatchAwareSampler(
+            train_ds.batch_labels,
+            tc.batch_size,
+            shuffle=True,
+            seed=seed,
+            num_replicas=dist_utils.world_size(),
+            rank=dist_utils.rank(),
+        )
+        train_loader = make_loader(train_ds, tc, collate_fn=train_coll, batch_sampler=sampler)
+    else:
+        train_loader = make_loader(train_ds, tc, collate_fn=train_coll, shuffle=True)
+    val_loader = make_loader(val_ds, tc, collate_fn=val_coll, eval=True)
+
+    # 3. model, objective, training ----------------------------------------------------
+    torch.manual_seed(seed)
+    model = _build_model(cfg, vocab, len(batch_cats), pretrained)
+    model.vocab = vocab  # type: ignore[attr-defined]
+    objective = _objective(cfg)
+    mask_value = t.mask_value
+
+    def step_fn(net: nn.Module, batch: Mapping[str, torch.Tensor], ctx: Any) -> Any:
+        outputs = _forward(net, ctx.module, batch, cfg)
+        mask = batch["values"].eq(mask_value) & ~batch["padding_mask"]
+        return objective(outputs, batch, mask)
+
+    def eval_fn(net: nn.Module, ctx: Any) -> dict[str, float]:
+        sums: dict[str, float] = {}
+        n_total = 0
+        for batch in val_loader:
+            batch = {k: v.to(ctx.device) for k, v in batch.items()}
+            with ctx.autocast():
+                outputs = _forward(net, net, batch, cfg)
+                mask = batch["values"].eq(mask_value) & ~batch["padding_mask"]
+                loss, terms = objective(outputs, batch, mask)
+                if "mse" not in terms:  # model selection uses it even when its weight is 0
+                    terms["mse"] = masked_mse(outputs["mlm_output"], batch["target_values"], mask)
+            n = int(batch["gene_ids"].shape[0])
+            n_total += n
+            sums["loss"] = sums.get("loss", 0.0) + float(loss) * n
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * n
+        return {f"val/{k}": v / max(n_total, 1) for k, v in sums.items()}
+
+    trainer = Trainer(model, tc, step_fn=step_fn, eval_fn=eval_fn, out_dir=out)
+    t_train = time.perf_counter()
+    history = trainer.fit(train_loader, resume=resume)
+    train_seconds = time.perf_counter() - t_train
+    model = trainer.best_model()
+    logger.info(
+        "training done in %.1f s: best epoch %s (%s %.5g)%s",
+        train_seconds,
+        history.best_epoch,
+        history.select_metric,
+        history.best_metric if history.best_metric is not None else float("nan"),
+        ", stopped early" if history.stopped_early else "",
+    )
+
+    # 4. embed every cell, write outputs -----------------------------------------------
+    emb = embed_cells(
+        model,
+        all_ds,
+        embed_coll,
+        batch_size=tc.eval_batch_size or tc.batch_size,
+        device=trainer.device,
+        quiet=quiet,
+    )
+    pp.obsm[EMBEDDING_KEY] = emb
+    # All input genes, the cells that survived filtering / subsampling, in pp's order.
+    result_ad = adata[pp.obs_names].copy()
+    result_ad.obsm[EMBEDDING_KEY] = emb
+    result_ad.obs[SPLIT_KEY] = pd.Categorical(split, categories=["train", "valid"])
+    all_genes = _gene_names(result_ad, d.gene_column)
+    result_ad.var["celltune_hvg"] = all_genes.isin(set(genes))
+    task_info = {
+        "task": "integration",
+        "batch_key": d.batch_key,
+        "batch_categories": batch_cats,
+        "label_key": d.label_key,
+        "gene_column": d.gene_column,
+        "n_bins": d.n_bins,
+        "seed": seed,
+        "tokens": dataclasses.asdict(t),
+        "preprocess": {k: v for k, v in dataclasses.asdict(pp_cfg).items()},
+    }
+    result_ad.uns["celltune"] = {
+        "integration": {
+            **task_info,
+            "best_epoch": history.best_epoch,
+            "best_val_mse": history.best_metric,
+            "epochs_run": len(history),
+            "train_seconds": round(train_seconds, 2),
+            "cell_keys_of": "obs_names",
+        }
+    }
+    _ = cell_keys  # documented key scheme (SPEC); imported so a missing layer fails early
+
+    files: dict[str, Path] = {}
+    if out_dir is not None and dist_utils.is_main_process():
+        files["model"] = out / "model"
+        _write_model_dir(model, vocab, files["model"], task_info)
+        files["integrated"] = out / "integrated.h5ad"
+        io.write_h5ad(result_ad, files["integrated"])
+        files["history"] = trainer.history_path
+        files["config"] = out / "config.yaml"
+        files["checkpoint"] = trainer.checkpoint_path
+    hist_df = pd.DataFrame(history.records)
+    if tmp_dir is not None:
+        tmp_dir.cleanup()
+    logger.info("integration finished in %.1f s", time.perf_counter() - t_start)
+    return IntegrationResult(
+        adata=result_ad,
+        processed=pp,
+        model=model,
+        vocab=vocab,
+        config=cfg,
+        history=hist_df,
+        best_epoch=history.best_epoch,
+        stopped_early=history.stopped_early,
+        out_dir=None if out_dir is None else out,
+        files=files,
+        train_seconds=train_seconds,
+        n_genes_matched=n_matched,
+    )
+
+
+# ----------------------------------------------------------------------------- embed
+def _read_task_file(model_dir: Path) -> dict[str, Any] | None:
+    p = model_dir / TASK_FILE
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise InputError(f"{p} is not valid JSON ({err}); delete it to embed zero-shot") from err
+
+
+def embed(
+    adata: AnnData,
+    model_dir: str | Path,
+    *,
+    batch_key: str | None = None,
+    batch_size: int = 64,
+    device: str = "auto",
+    key: str = EMBEDDING_KEY,
+    layer: str | None = None,
+    gene_column: str | None = None,
+    max_seq_len: int | None = None,
+    include_zero_gene: bool | None = None,
+    seed: int | None = None,
+    quiet: bool = False,
+) -> AnnData:
+    """Zero-shot cell embeddings from any scGPT-format model directory.
+
+    Returns a copy of ``adata`` with ``obsm[key]`` (cells × d_model, L2-normalised).
+    Genes are matched to the model's vocabulary by name (``gene_column`` or ``var_names``)
+    and binned per cell (SPEC §1: binning raw counts equals binning normalised+log1p
+    values). A directory written by ``celltune integrate`` carries its tokenisation and
+    batch categories (``celltune_task.json``), so the fine-tuned run's embedding is
+    reproduced; other directories follow scGPT's ``embed_data``: non-zero genes only, at
+    most 1,200 genes, ``<cls>`` value = ``pad_value``. Cells whose batch is unknown to
+    the model (or no ``batch_key``) use pooled DSBN statistics and no batch label.
+    """
+    import anndata
+    import torch
+
+    from celltune.data import io
+    from celltune.data.binning import bin_matrix, cell_keys
+    from celltune.data.dataset import CellDataset, TokenCollator
+    from celltune.model.checkpoint import load_model
+
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1 (got {batch_size})")
+    mdir = Path(model_dir)
+    if device == "auto":
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda was requested but no CUDA GPU is available; use cpu")
+    else:
+        dev = torch.device(device)
+    model = load_model(mdir, device="cpu")
+    vocab = model.vocab
+    if vocab is None:
+        raise InputError(f"{mdir} has no vocab.json: a model directory needs one to embed")
+    task = _read_task_file(mdir) or {}
+    tok = task.get("tokens", {})
+    mc = model.config
+    if gene_column is None:
+        gene_column = task.get("gene_column")
+        if gene_column is not None and gene_column not in adata.var.columns:
+            gene_column = None
+    match = vocab.match_genes(list(_gene_names(adata, gene_column)))  # logs the count
+    matched = np.asarray(match.matched, dtype=bool)
+    X = io.get_matrix(adata, layer)
+    if hasattr(X, "to_memory"):
+        X = X.to_memory()
+    X = X[:, matched]
+    io.check_finite_nonnegative(X, "X" if layer is None else f"layer {layer!r}")
+    n_bins = int(task.get("n_bins", getattr(mc, "n_input_bins", 51) or 51))
+    data_seed = int(task.get("seed", 0) if seed is None else seed)
+    binned = bin_matrix(X, n_bins, data_seed, cell_keys(adata.obs_names), quiet=quiet)
+    work = anndata.AnnData(X=binned, obs=pd.DataFrame(index=adata.obs_names.copy()))
+    work.layers["X_binned"] = binned
+
+    batch_cats: list[str] | None = None
+    labels_needed = mc.use_batch_labels or mc.use_dsbn or mc.do_dab
+    if batch_key is not None:
+        col = io.require_obs_column(adata, batch_key, "batch-aware embedding (--batch-key)")
+        work.obs[batch_key] = col.astype(str).to_numpy()
+        known = task.get("batch_categories")
+        present = _batch_categories(col)
+        if known is None:
+            known = present
+            if labels_needed:
+                logger.warning(
+                    "%s has no %s: batch labels mapped by sorted order (%s) onto the "
+                    "model's %d batch slots",
+                    mdir,
+                    TASK_FILE,
+                    ", ".join(f"{c}→{i}" for i, c in enumerate(known)),
+                    mc.num_batch_labels,
+                )
+        unseen = [c for c in present if c not in known]
+        if unseen:
+            logger.warning(
+                "batches unknown to the model (%s): they use pooled DSBN statistics",
+                ", ".join(unseen),
+            )
+        batch_cats = [*known, *unseen]
+    elif labels_needed:
+        logger.info("no --batch-key: embedding without batch labels (pooled DSBN statistics)")
+    ds = CellDataset(
+        work,
+        np.asarray(match.ids, dtype=np.int64)[matched],
+        layer="X_binned",
+        batch_key=batch_key,
+        batch_categories=batch_cats,
+    )
+    zero_shot = not task
+    pad_value = float(getattr(mc, "pad_value", -2))
+    collator = TokenCollator(
+        n_genes=work.n_vars,
+        gene_ids=np.asarray(match.ids, dtype=np.int64)[matched],
+        cls_id=vocab.cls_id,
+        pad_id=vocab.pad_id,
+        include_zero_gene=bool(
+            tok.get("include_zero_gene", False) if include_zero_gene is None else include_zero_gene
+        ),
+        max_seq_len=int(max_seq_len or tok.get("max_seq_len", 1201)),
+        pad_value=pad_value,
+        cls_value=pad_value if zero_shot else 0,
+        mask_ratio=0.0,
+        seed=data_seed,
+    )
+    emb = embed_cells(model, ds, collator, batch_size=batch_size, device=dev, quiet=quiet)
+    out = adata.copy()
+    out.obsm[key] = emb
+    out.uns.setdefault("celltune", {})
+    out.uns["celltune"] = {
+        **dict(out.uns["celltune"]),
+        "embed": {
+            "model_dir": str(mdir),
+            "key": key,
+            "n_genes_matched": int(match.n_matched),
+            "batch_key": batch_key,
+            "zero_shot_tokenisation": zero_shot,
+        },
+    }
+    return out
+
+
+__all__ = [
+    "EMBEDDING_KEY",
+    "DataSection",
+    "EvalSection",
+    "IntegrationConfig",
+    "IntegrationResult",
+    "ModelSection",
+    "ObjectiveSection",
+    "TokenSection",
+    "check_integration_input",
+    "embed",
+    "embed_cells",
+    "integrate",
+    "stratified_split",
+]
