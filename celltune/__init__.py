@@ -21,6 +21,10 @@ _API = {
     "save_model": "celltune.model.checkpoint",
     "ModelConfig": "celltune.model.config",
     "CellTransformer": "celltune.model.model",
+    "integrate": "celltune.tasks.integration",
+    "embed": "celltune.tasks.integration",
+    "IntegrationConfig": "celltune.tasks.integration",
+    "run_integrate": "celltune.report.integration_run",
 }
 
 

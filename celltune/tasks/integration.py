@@ -7,7 +7,7 @@ every cell. :func:`embed` gives zero-shot embeddings from any model directory.
 
 Evaluation (scIB metrics, baselines, plots, report) belongs to layers to the right of
 ``tasks`` (see ``docs/ARCHITECTURE.md``); the ``celltune integrate`` command chains them
-(``celltune.cli.integrate.run_integrate`` is the Python equivalent of the command).
+(``celltune.report.integration_run.run_integrate`` is the Python equivalent of the command).
 """
 
 from __future__ import annotations
