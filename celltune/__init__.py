@@ -25,6 +25,10 @@ _API = {
     "embed": "celltune.tasks.integration",
     "IntegrationConfig": "celltune.tasks.integration",
     "run_integrate": "celltune.report.integration_run",
+    "train_perturbation_model": "celltune.tasks.perturbation",
+    "predict_perturbations": "celltune.tasks.perturbation",
+    "evaluate_perturbation_run": "celltune.report.perturbation_run",
+    "prepare_perturbation_data": "celltune.data.gears",
 }
 
 

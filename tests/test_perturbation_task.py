@@ -399,7 +399,7 @@ def test_papalexi_predict_measured_token_and_unknown(papalexi_run: Path, tmp_pat
 
 @pytest.mark.e2e
 def test_papalexi_evaluate_tables_and_report(papalexi_run: Path):
-    from celltune.cli.perturb import evaluate_perturbation_run
+    from celltune.report.perturbation_run import evaluate_perturbation_run
 
     m = evaluate_perturbation_run(papalexi_run, n_ctrl=20, quiet=True)
     measured = m["scopes"]["measured"]

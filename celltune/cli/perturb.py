@@ -5,15 +5,14 @@ The sub-app ``perturb_app`` is shared: other modules add their commands to it wi
 
 Commands: ``prepare`` (GEARS layout, DE genes, splits), ``train`` / ``predict`` (the
 perturbation-flag transformer, ``celltune.tasks.perturbation``) and ``evaluate``
-(:func:`evaluate_perturbation_run`: GEARS/scGPT metrics, baselines, plots, report; here
-rather than in ``tasks`` because eval and report sit to the right of tasks).
+(``celltune.report.perturbation_run.evaluate_perturbation_run``: GEARS/scGPT metrics,
+baselines, plots, report).
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 import typer
 
@@ -111,20 +110,6 @@ Any config key can be set with --set section.key=value (repeatable), e.g.
 Precedence: defaults < --config YAML < --set < the named options.
 """
 
-#: columns of the README / report table, in this order
-TABLE_METRICS = (
-    "pearson",
-    "pearson_de",
-    "pearson_delta",
-    "pearson_de_delta",
-    "pearson_delta_centered",
-    "mse",
-    "mse_de",
-    "pearson_delta_top20_de_non_dropout",
-    "frac_correct_direction_top20_de_non_dropout",
-)
-MODEL_NAME = "celltune"
-
 
 def _setup_logging() -> None:
     """INFO logs to stderr unless the application configured logging already."""
@@ -136,320 +121,6 @@ def _setup_logging() -> None:
             datefmt="%H:%M:%S",
         )
     logging.getLogger("celltune").setLevel(logging.INFO)
-
-
-def _plot_delta_similarity(
-    conditions: list[str],
-    true_means: dict[str, Any],
-    predictions: dict[str, dict[str, Any]],
-    ctrl_mean: Any,
-    path: Path,
-) -> Path:
-    """Pairwise Pearson of the changes vs control between perturbations: truth next to
-    each method. A model that predicts one average change for everything (scGPT issue
-    #277) shows a uniformly red matrix where the truth does not."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    from celltune.files import atomic_path
-
-    C = np.asarray(ctrl_mean, dtype=np.float64)
-    panels = {"truth": true_means, **predictions}
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.9 * len(panels) + 0.8, 3.2), squeeze=False)
-    im = None
-    for ax, (name, means) in zip(axes[0], panels.items(), strict=True):
-        D = np.stack([np.asarray(means[c], dtype=np.float64) - C for c in conditions])
-        Dc = D - D.mean(axis=1, keepdims=True)
-        norm = np.linalg.norm(Dc, axis=1)
-        Dn = Dc / np.where(norm > 0, norm, 1.0)[:, None]
-        R = Dn @ Dn.T
-        off = ~np.eye(len(conditions), dtype=bool)
-        mean_r = float(R[off].mean()) if len(conditions) > 1 else float("nan")
-        im = ax.imshow(R, vmin=-1, vmax=1, cmap="RdBu_r")
-        labels = [c.replace("+ctrl", "") for c in conditions]
-        ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
-        ax.set_yticks(range(len(labels)), labels if ax is axes[0][0] else [], fontsize=7)
-        ax.set_title(f"{name}\nmean pairwise r = {mean_r:.2f}", fontsize=9)
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="r of changes vs control")
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png", bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
-def evaluate_perturbation_run(
-    run_dir: str | Path,
-    *,
-    data: str | Path | None = None,
-    n_ctrl: int | None = None,
-    n_plots: int = 4,
-    device: str = "cpu",
-    quiet: bool = False,
-) -> dict[str, Any]:
-    """The ``evaluate`` command as a function; returns the content of ``metrics.json``.
-
-    Predicts every test perturbation the model can flag, scores it and every baseline
-    with the GEARS / scGPT metrics, per perturbation and per subgroup, in two scopes:
-    ``model`` (the test perturbations the model can represent: every method on the same
-    set) and ``all`` (every test perturbation: baselines only). Writes ``metrics.json``,
-    ``metrics_summary.csv``, ``metrics_per_perturbation.csv``, PNGs and ``report.html``.
-    """
-    import time
-
-    import numpy as np
-    import pandas as pd
-
-    from celltune.data.gears import load_prepared
-    from celltune.errors import InputError
-    from celltune.eval.perturbation import (
-        eval_inputs_from_adata,
-        evaluate_predictions,
-        summary_table,
-    )
-    from celltune.eval.perturbation_baselines import BASELINES, PerturbationBaselines
-    from celltune.files import atomic_path, write_json_atomic
-    from celltune.report import perturbation_plots as pplots
-    from celltune.report.html import Section, write_report
-    from celltune.tasks.perturbation import load_run, predict_cells
-
-    t0 = time.perf_counter()
-    out = Path(run_dir)
-    run = load_run(out, device=device)
-    data_path = Path(data) if data is not None else Path(run.info["data"])
-    if not data_path.is_file():
-        raise InputError(
-            f"the training data {data_path} recorded in {out / 'run.json'} is not there; "
-            "pass it with --data"
-        )
-    adata = load_prepared(data_path)
-    symbols = adata.var["gene_name"].astype(str).to_numpy()
-    if list(symbols) != list(run.genes):
-        # a pretrained vocabulary dropped genes: score every method on the model's genes
-        keep = np.isin(symbols, run.genes)
-        adata = adata[:, keep].copy()
-        logger.info("evaluating on the %d genes of the model (of %d)", keep.sum(), keep.size)
-    inputs = eval_inputs_from_adata(adata)
-    test = list(inputs["true_cells"])
-    measured_genes = set(run.genes)
-    vocab = run.model.vocab
-    # measured: every perturbed gene is an input gene (flag on a measured value);
-    # placeable: every gene is at least in the vocabulary (extra flagged token)
-    measured = [c for c in test if all(g in measured_genes for g in _genes_of(c))]
-    placeable = [c for c in test if all(g in measured_genes or g in vocab for g in _genes_of(c))]
-    excluded = [c for c in test if c not in placeable]
-    untrained = [
-        c
-        for c in placeable
-        if any(g not in measured_genes and g not in run.trained_genes for g in _genes_of(c))
-    ]
-    if not placeable:
-        logger.warning(
-            "none of the %d test perturbations has its genes in the model's gene list; only "
-            "the baselines are scored",
-            len(test),
-        )
-
-    # -- celltune predictions: flags on the perturbed genes, averaged over control cells
-    n = min(n_ctrl or run.config.data.n_eval_ctrl, len(run.controls))
-    rng = np.random.default_rng([run.config.train.seed, 29])
-    controls = run.controls[np.sort(rng.choice(len(run.controls), n, replace=False))]
-    model_pred: dict[str, np.ndarray] = {}
-    from tqdm.auto import tqdm
-
-    for c in tqdm(placeable, desc="predict test", disable=quiet, leave=False):
-        ids, cols = run.flag_inputs(_genes_of(c))
-        pred = predict_cells(
-            run.model,
-            controls,
-            ids,
-            cols,
-            max_seq_len=run.config.data.max_seq_len,
-            batch_size=run.config.train.eval_batch_size or run.config.train.batch_size,
-            seed=run.config.train.seed,
-            n_measured=len(run.genes),
-            include_zero_gene=run.config.data.include_zero_gene,
-        )
-        model_pred[c] = pred.mean(axis=0).astype(np.float64)
-
-    baselines = PerturbationBaselines(adata, seed=run.config.train.seed)
-    base_pred = baselines.predict_all(test, BASELINES)
-
-    def scored(conds: list[str], methods: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        sub = {
-            k: {c: v for c, v in inputs[k].items() if c in conds}
-            for k in ("true_cells", "de_idx", "non_dropout_idx")
-        }
-        nz = inputs["non_zero_idx"]
-        groups = {g: [c for c in m if c in conds] for g, m in inputs["subgroups"].items()}
-        res = {}
-        for name, preds in methods.items():
-            per, summary = evaluate_predictions(
-                {c: preds[c] for c in conds},
-                sub["true_cells"],
-                inputs["ctrl_mean"],
-                sub["de_idx"],
-                sub["non_dropout_idx"],
-                None if nz is None else {c: v for c, v in nz.items() if c in conds},
-                {g: m for g, m in groups.items() if m},
-            )
-            res[name] = (per, summary)
-        return res
-
-    scopes: dict[str, dict[str, Any]] = {}
-    if measured:
-        scopes["measured"] = scored(measured, {MODEL_NAME: model_pred, **base_pred})
-    everything = dict(base_pred)
-    if not excluded:
-        everything = {MODEL_NAME: model_pred, **everything}
-    scopes["all"] = scored(test, everything)
-
-    per_frames, tables = [], []
-    for scope, res in scopes.items():
-        for name, (per, _) in res.items():
-            per_frames.append(per.reset_index().assign(method=name, scope=scope))
-        table = summary_table({k: s for k, (_, s) in res.items()}, TABLE_METRICS)
-        tables.append(table.assign(scope=scope))
-    per_all = pd.concat(per_frames, ignore_index=True)
-    lead = ["scope", "method", "condition", "subgroup"]
-    per_all = per_all[lead + [c for c in per_all.columns if c not in lead]]
-    table = pd.concat(tables, ignore_index=True)
-    table = table[["scope", "method", "subgroup", "n", *TABLE_METRICS]]
-    with atomic_path(out / "metrics_per_perturbation.csv") as tmp:
-        per_all.to_csv(tmp, index=False)
-    with atomic_path(out / "metrics_summary.csv") as tmp:
-        table.to_csv(tmp, index=False)
-
-    # -- plots
-    C = inputs["ctrl_mean"]
-    true_means = {c: inputs["true_cells"][c].mean(axis=0) for c in test}
-    images: list[Path] = []
-    captions: list[str] = []
-    plot_conds = measured or placeable or test
-    shown = {MODEL_NAME: model_pred} if placeable else {}
-    shown.update({k: base_pred[k] for k in ("train_mean", "linear", "additive")})
-    try:
-        for c in sorted(plot_conds, key=lambda c: -len(inputs["true_cells"][c]))[:n_plots]:
-            p = out / f"perturbation_de_{c.replace('+', '_')}.png"
-            images.append(
-                pplots.plot_de_boxplot(
-                    c,
-                    inputs["true_cells"][c],
-                    C,
-                    inputs["de_idx"][c],
-                    adata.var["gene_name"].astype(str).tolist(),
-                    {k: v[c] for k, v in shown.items()},
-                    p,
-                )
-            )
-            captions.append(f"{c}: true change of the top-20 DE genes (boxes), predictions")
-        images.append(
-            pplots.plot_delta_scatter(
-                plot_conds,
-                true_means,
-                {k: {c: v[c] for c in plot_conds} for k, v in shown.items()},
-                C,
-                out / "perturbation_delta_scatter.png",
-                de_idx=inputs["de_idx"],
-            )
-        )
-        captions.append("predicted vs true change vs control, every gene of every perturbation")
-        if len(plot_conds) > 1:
-            images.append(
-                _plot_delta_similarity(
-                    plot_conds,
-                    true_means,
-                    {k: {c: v[c] for c in plot_conds} for k, v in shown.items()},
-                    C,
-                    out / "perturbation_delta_similarity.png",
-                )
-            )
-            captions.append(
-                "similarity of the changes of different perturbations: truth vs predictions"
-            )
-    except Exception as err:  # plots must not sink a finished evaluation
-        logger.warning("perturbation plots failed: %s: %s", type(err).__name__, err)
-
-    metrics: dict[str, Any] = {
-        "run": str(out),
-        "data": str(data_path),
-        "n_test_perturbations": len(test),
-        "n_test_measured_targets": len(measured),
-        "n_evaluated_by_model": len(placeable),
-        "excluded_from_model": excluded,
-        "excluded_reason": "a perturbed gene is neither measured nor in the model's "
-        "vocabulary, so no token can carry its flag; baselines still cover them",
-        "model_untrained_gene_predictions": untrained,
-        "scope_notes": {
-            "measured": "test perturbations whose genes are all measured: the flag sits on "
-            "an input gene; every method on the same perturbations",
-            "all": "every test perturbation; celltune is listed only when it can flag all of "
-            "them, and predicts unmeasured genes never perturbed in training from an "
-            "untrained embedding (listed in model_untrained_gene_predictions)",
-        },
-        "n_ctrl": n,
-        "train": {
-            k: run.info.get(k)
-            for k in (
-                "fit_seconds",
-                "best_epoch",
-                "epochs_run",
-                "validation",
-                "n_train_perturbations",
-                "n_unplaceable",
-                "device",
-            )
-        },
-        "scopes": {
-            scope: {name: summary for name, (_, summary) in res.items()}
-            for scope, res in scopes.items()
-        },
-        "seconds": round(time.perf_counter() - t0, 1),
-    }
-    write_json_atomic(out / "metrics.json", metrics)
-
-    intro = [
-        f"{len(test)} test perturbations, {len(measured)} of them of measured genes (scope "
-        f"'measured': the flag sits on an input gene). The model can flag {len(placeable)}; "
-        f"{len(untrained)} of those target unmeasured genes never perturbed in training, "
-        "whose prediction rests on an untrained gene embedding (scope 'all')"
-        + (f"; {len(excluded)} are scored for the baselines only." if excluded else "."),
-        f"celltune predictions: mean over {n} control cells with the perturbed gene(s) "
-        "flagged, clipped at 0. Train time "
-        f"{run.info.get('fit_seconds')} s, best epoch {run.info.get('best_epoch')} by "
-        f"validation pearson_delta ({run.info.get('validation')}).",
-        "pearson_delta = r(P − C, T − C) and its DE variant are the informative metrics; "
-        "pearson_delta_centered = r(P − P̄, T − T̄) is 0 for a method that predicts one "
-        "change for every perturbation (Train Mean).",
-    ]
-    sections = [Section("Run", text=intro)]
-    for scope in scopes:
-        title = (
-            "Metrics: test perturbations of measured genes"
-            if scope == "measured"
-            else "Metrics: every test perturbation"
-        )
-        sections.append(
-            Section(
-                title,
-                tables=[table[table["scope"] == scope].drop(columns="scope").set_index("method")],
-            )
-        )
-    if images:
-        sections.append(Section("Plots", images=images, captions=captions))
-    hist_path = out / "history.csv"
-    if hist_path.is_file():
-        hist = pd.read_csv(hist_path).set_index("epoch")
-        sections.append(Section("Training history", tables=[hist]))
-    write_report(out / "report.html", "celltune perturb evaluate", sections, meta=str(out))
-    logger.info("wrote %s (%.0f s)", out / "report.html", time.perf_counter() - t0)
-    return metrics
-
-
-def _genes_of(cond: str) -> list[str]:
-    return [g for g in str(cond).split("+") if g and g != "ctrl"]
 
 
 @perturb_app.command("train", epilog=TRAIN_EXAMPLES)
@@ -581,6 +252,8 @@ def evaluate_cmd(
     gene embeddings). Writes DIR/metrics.json, metrics_summary.csv,
     metrics_per_perturbation.csv, perturbation_*.png and report.html.
     """
+    from celltune.report.perturbation_run import evaluate_perturbation_run
+
     _setup_logging()
     metrics = evaluate_perturbation_run(
         run_dir, data=data, n_ctrl=n_ctrl, n_plots=n_plots, device=device, quiet=quiet

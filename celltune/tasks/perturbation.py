@@ -16,7 +16,7 @@ What differs from the reference, and why:
   in training has an untrained embedding: predictions for it are reported, with a warning.
 
 Evaluation (metrics, baselines, plots) sits to the right of ``tasks`` and lives in
-``celltune.cli.perturb.evaluate_perturbation_run``.
+``celltune.report.perturbation_run.evaluate_perturbation_run``.
 
 Run directory written by :func:`train_perturbation_model`::
 
