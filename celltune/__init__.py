@@ -24,6 +24,8 @@ _API = {
     "integrate": "celltune.tasks.integration",
     "embed": "celltune.tasks.integration",
     "IntegrationConfig": "celltune.tasks.integration",
+    "integrate_file": "celltune.tasks.integration_stream",
+    "embed_file": "celltune.tasks.integration_stream",
     "run_integrate": "celltune.report.integration_run",
     "train_perturbation_model": "celltune.tasks.perturbation",
     "predict_perturbations": "celltune.tasks.perturbation",

@@ -30,6 +30,10 @@ Examples:
 
   celltune integrate kang.h5ad --batch-key batch --out runs/ft --pretrained scGPT_human/
 
+  celltune integrate atlas.h5ad --batch-key donor --out runs/atlas --stream   # larger than RAM
+
+  celltune integrate kang.h5ad --batch-key batch --out runs/ddp --devices 2  # 2 DDP processes
+
 Any config key can be set with --set section.key=value (repeatable), e.g.
 --set model.d_model=64 --set data.n_hvg=600 --set tokens.include_zero_gene=false.
 Precedence: defaults < --config YAML < --set < the named options.
@@ -41,6 +45,8 @@ Examples:
   celltune embed kang.h5ad --model runs/kang/model --out kang_emb.h5ad --batch-key batch
 
   celltune embed pbmc.h5ad --model scGPT_human/ --out pbmc_emb.h5ad --batch-size 32
+
+  celltune embed atlas.h5ad --model runs/atlas/model --out atlas_emb.h5ad --stream
 """
 
 
@@ -117,6 +123,25 @@ def integrate_cmd(
     no_dab: bool = typer.Option(False, "--no-dab", help="No adversarial batch discriminator."),
     no_dsbn: bool = typer.Option(False, "--no-dsbn", help="No domain-specific batch norm."),
     seed: int | None = typer.Option(None, "--seed", help="Seed of every random choice (0)."),
+    stream: bool = typer.Option(
+        False,
+        "--stream",
+        help="Stream rows from the .h5ad on disk (memory flat in the number of cells).",
+    ),
+    stream_sample_cells: int | None = typer.Option(
+        None, "--stream-sample-cells", help="With --stream: cells sampled to pick HVGs (50000)."
+    ),
+    chunk_size: int | None = typer.Option(
+        None, "--chunk-size", help="With --stream: rows per contiguous read (1024)."
+    ),
+    buffer_chunks: int | None = typer.Option(
+        None, "--buffer-chunks", help="With --stream: chunks per shuffle window (8)."
+    ),
+    devices: int | None = typer.Option(
+        None,
+        "--devices",
+        help="Train on N processes (DDP via torchrun; one GPU each, or CPU cores shared).",
+    ),
     set_: list[str] | None = typer.Option(
         None, "--set", help="Any config key: section.key=value (repeatable)."
     ),
@@ -129,11 +154,16 @@ def integrate_cmd(
     Writes OUT/integrated.h5ad, model/, metrics.json, history.csv, config.yaml,
     umap_*.png and report.html.
     """
+    from celltune.cli.launch import relaunch_under_torchrun
     from celltune.data.io import read_h5ad
     from celltune.tasks.config import apply_overrides
     from celltune.tasks.integration import IntegrationConfig
+    from celltune.train import distributed as dist_utils
 
     _setup_logging(quiet)
+    code = relaunch_under_torchrun(devices, device)
+    if code is not None:
+        raise typer.Exit(code)
     cfg = IntegrationConfig.load(config)
     cfg = apply_overrides(cfg, list(set_ or []))
     flags: dict[str, Any] = {
@@ -156,13 +186,18 @@ def integrate_cmd(
         "train.quiet": True if quiet else None,
         "model.dab": False if no_dab else None,
         "model.dsbn": False if no_dsbn else None,
+        "data.stream": True if stream else None,
+        "data.stream_sample_cells": stream_sample_cells,
+        "data.chunk_size": chunk_size,
+        "data.buffer_chunks": buffer_chunks,
     }
     cfg = apply_overrides(cfg, flags)
     cfg.validate()
-    adata = read_h5ad(data)
     from celltune.report.integration_run import run_integrate
 
-    result = run_integrate(adata, cfg, out, resume=resume)
+    result = run_integrate(data if cfg.data.stream else read_h5ad(data), cfg, out, resume=resume)
+    if not dist_utils.is_main_process():
+        return
     if result.metrics is not None:
         cols = [c for c in ("avg_bio", "avg_batch", "scib_total") if c in result.metrics]
         typer.echo(result.metrics[cols].round(4).to_string())
@@ -186,6 +221,12 @@ def embed_cmd(
         None, "--max-seq-len", help="Tokens per cell (default: the model's, else 1201)."
     ),
     key: str = typer.Option("X_celltune", "--key", help="obsm key of the embedding."),
+    stream: bool = typer.Option(
+        False,
+        "--stream",
+        help="Stream rows from disk; OUT holds obs, var and the embedding (no X).",
+    ),
+    chunk_size: int = typer.Option(1024, "--chunk-size", help="With --stream: rows per read."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Logs only, no progress bars."),
 ) -> None:
     """Cell embeddings from any model directory (zero-shot), batched, L2-normalised.
@@ -202,6 +243,25 @@ def embed_cmd(
         raise InputError(f"--out must end in .h5ad (got {out}); e.g. --out {out.stem}.h5ad")
     if device not in ("auto", "cpu", "cuda"):
         raise InputError(f"--device must be auto, cpu or cuda (got {device!r})")
+    if stream:
+        from celltune.tasks.integration_stream import embed_file
+
+        embed_file(
+            data,
+            model,
+            out,
+            batch_key=batch_key,
+            batch_size=batch_size,
+            device=device,
+            key=key,
+            layer=layer,
+            gene_column=gene_column,
+            max_seq_len=max_seq_len,
+            chunk_size=chunk_size,
+            quiet=quiet,
+        )
+        typer.echo(f"wrote {out}: obsm[{key!r}] (streamed from {data})")
+        return
     adata = read_h5ad(data)
     res = embed(
         adata,

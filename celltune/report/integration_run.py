@@ -121,7 +121,7 @@ def _plots(
 
 
 def run_integrate(
-    adata: AnnData,
+    adata: AnnData | str | Path,
     config: IntegrationConfig,
     out_dir: str | Path,
     *,
@@ -131,7 +131,9 @@ def run_integrate(
 
     Writes everything listed in ``docs/readme_parts/integration.md`` to ``out_dir`` and
     returns the :class:`IntegrationResult` with ``metrics`` (a DataFrame, one row per
-    method) filled when a label column was given.
+    method) filled when a label column was given. ``adata`` may be a path: with
+    ``config.data.stream`` the file is streamed from disk
+    (:func:`celltune.tasks.integration_stream.integrate_file`), else it is read.
     """
     import pandas as pd
 
@@ -142,7 +144,17 @@ def run_integrate(
 
     t0 = time.perf_counter()
     out = Path(out_dir)
-    result = integrate(adata, config, out, resume=resume)
+    if isinstance(adata, (str, Path)):
+        if config.data.stream:
+            from celltune.tasks.integration_stream import integrate_file
+
+            result = integrate_file(adata, config, out, resume=resume)
+        else:
+            result = integrate(io.read_h5ad(adata), config, out, resume=resume)
+    else:
+        if config.data.stream:
+            raise ValueError("data.stream needs the input's path, not an AnnData in memory")
+        result = integrate(adata, config, out, resume=resume)
     from celltune.train import distributed as dist_utils
 
     if not dist_utils.is_main_process():  # under torchrun only rank 0 evaluates and writes

@@ -79,6 +79,12 @@ class DataSection:
     valid_fraction: float = 0.1
     min_batch_cells: int = 20
     max_cells: int | None = None
+    # Streaming from the on-disk file (``--stream``): rows are read chunk by chunk, so
+    # memory does not grow with the number of cells (see integration_stream).
+    stream: bool = False
+    stream_sample_cells: int = 50_000
+    chunk_size: int = 1024
+    buffer_chunks: int = 8
 
 
 @dataclass
@@ -178,6 +184,16 @@ class IntegrationConfig:
             )
         if d.max_cells is not None and d.max_cells < 10:
             raise InputError(f"data.max_cells must be >= 10 (got {d.max_cells}) or unset")
+        if d.stream_sample_cells < 100:
+            raise InputError(
+                f"--stream-sample-cells must be >= 100 (got {d.stream_sample_cells}): HVGs "
+                "are chosen on that sample"
+            )
+        if d.chunk_size < 1 or d.buffer_chunks < 1:
+            raise InputError(
+                f"--chunk-size and --buffer-chunks must be >= 1 (got {d.chunk_size}, "
+                f"{d.buffer_chunks})"
+            )
         if t.max_seq_len < 2:
             raise InputError(f"--max-seq-len must be >= 2 (got {t.max_seq_len}): <cls> + genes")
         if not 0.0 < t.mask_ratio < 1.0:
@@ -278,6 +294,13 @@ def check_integration_input(adata: AnnData, cfg: IntegrationConfig) -> list[str]
             "draws and outputs on its name: call adata.obs_names_make_unique() first"
         )
     cats = _batch_categories(col)
+    check_batch_counts(col.astype(str).value_counts(), cfg)
+    return cats
+
+
+def check_batch_counts(counts: pd.Series, cfg: IntegrationConfig) -> None:
+    """Cells per batch (index = batch name) against the config's DAB/DSBN needs."""
+    cats = [str(c) for c in counts.index]
     m = cfg.model
     if len(cats) < 2:
         if m.dab or m.dsbn:
@@ -291,7 +314,6 @@ def check_integration_input(adata: AnnData, cfg: IntegrationConfig) -> list[str]
             "single batch %r: fine-tuning without DAB/DSBN as requested; batch metrics are skipped",
             cats[0],
         )
-    counts = col.astype(str).value_counts()
     small = counts[counts < cfg.data.min_batch_cells]
     if len(small):
         logger.warning(
@@ -300,7 +322,6 @@ def check_integration_input(adata: AnnData, cfg: IntegrationConfig) -> list[str]
             cfg.data.min_batch_cells,
             ", ".join(f"{k} ({v})" for k, v in small.items()),
         )
-    return cats
 
 
 def stratified_split(
@@ -434,6 +455,170 @@ def _forward(model: nn.Module, module: nn.Module, batch: Mapping[str, torch.Tens
     )
 
 
+# ----------------------------------------------------------------------------- shared steps
+def resolve_config(config: IntegrationConfig | Mapping[str, Any] | None) -> IntegrationConfig:
+    """A validated private copy of ``config`` (the caller's object is never changed)."""
+    if config is None:
+        cfg = IntegrationConfig()
+    elif isinstance(config, IntegrationConfig):
+        cfg = copy.deepcopy(config)
+    else:
+        cfg = config_from_dict(IntegrationConfig, config)
+    cfg.validate()
+    return cfg
+
+
+def load_pretrained(cfg: IntegrationConfig) -> nn.Module | None:
+    """The ``--pretrained`` model (None without one); ``cfg.model`` takes its architecture."""
+    m, t = cfg.model, cfg.tokens
+    if not m.pretrained:
+        return None
+    from celltune.model.checkpoint import load_model
+
+    pretrained = load_model(m.pretrained, device="cpu")
+    if pretrained.vocab is None:
+        raise InputError(
+            f"pretrained model {m.pretrained} has no vocab.json: a model directory needs "
+            "args.json, vocab.json and best_model.pt"
+        )
+    # The resolved config reports the architecture actually used.
+    pc = pretrained.config
+    for name in ("d_model", "nhead", "d_hid", "nlayers", "nlayers_cls", "input_emb_style"):
+        setattr(m, name, getattr(pc, name))
+    m.cell_emb_style, m.pre_norm = pc.cell_emb_style, pc.pre_norm
+    if pc.pad_value != t.pad_value:
+        logger.info("using the pretrained model's pad_value %s", pc.pad_value)
+        t.pad_value = float(pc.pad_value)
+    return pretrained
+
+
+def preprocess_config(cfg: IntegrationConfig, n_batches: int, n_genes: int) -> Any:
+    """SPEC §1 parameters of this run (all genes kept when there are fewer than n_hvg)."""
+    from celltune.data.preprocess import PreprocessConfig
+
+    d = cfg.data
+    pp_cfg = PreprocessConfig(
+        layer=d.layer,
+        data_is_raw=d.data_is_raw,
+        filter_gene_by_counts=d.filter_gene_by_counts,
+        filter_cell_by_counts=d.filter_cell_by_counts,
+        normalize_total=d.normalize_total,
+        log1p=d.log1p,
+        n_hvg=d.n_hvg,
+        hvg_flavor=d.hvg_flavor,
+        batch_key=d.batch_key if n_batches > 1 else None,
+        n_bins=d.n_bins,
+        seed=cfg.train.seed,
+    )
+    if d.n_hvg and n_genes <= d.n_hvg:
+        logger.info("n_hvg %d >= genes available (%d): keeping all genes", d.n_hvg, n_genes)
+        pp_cfg = dataclasses.replace(pp_cfg, n_hvg=0)
+    return pp_cfg
+
+
+def collators(cfg: IntegrationConfig, vocab: Any, gene_ids: np.ndarray) -> tuple[Any, Any, Any]:
+    """Training, validation and embedding collators (SPEC §2 tokenisation of this run)."""
+    from celltune.data.dataset import TokenCollator
+
+    t = cfg.tokens
+    kwargs: dict[str, Any] = {
+        "n_genes": int(gene_ids.size),
+        "gene_ids": gene_ids,
+        "cls_id": vocab.cls_id,
+        "pad_id": vocab.pad_id,
+        "include_zero_gene": t.include_zero_gene,
+        "max_seq_len": t.max_seq_len,
+        "pad_value": t.pad_value,
+        "mask_value": t.mask_value,
+        "mask_cls": t.mask_cls,
+        "seed": cfg.train.seed,
+    }
+    train_coll = TokenCollator(mask_ratio=t.mask_ratio, **kwargs)
+    # The validation masks stay fixed (epoch 0) so val/mse is comparable across epochs.
+    val_coll = TokenCollator(mask_ratio=t.mask_ratio, **kwargs)
+    embed_coll = TokenCollator(mask_ratio=0.0, **kwargs)
+    return train_coll, val_coll, embed_coll
+
+
+def task_record(cfg: IntegrationConfig, batch_cats: list[str], pp_cfg: Any) -> dict[str, Any]:
+    """What ``celltune_task.json`` keeps so that ``embed`` reproduces this run's tokens."""
+    d = cfg.data
+    return {
+        "task": "integration",
+        "batch_key": d.batch_key,
+        "batch_categories": batch_cats,
+        "label_key": d.label_key,
+        "gene_column": d.gene_column,
+        "n_bins": d.n_bins,
+        "seed": cfg.train.seed,
+        "tokens": dataclasses.asdict(cfg.tokens),
+        "preprocess": dict(dataclasses.asdict(pp_cfg).items()),
+    }
+
+
+def train_integration_model(
+    cfg: IntegrationConfig,
+    vocab: Any,
+    n_batches: int,
+    pretrained: nn.Module | None,
+    train_loader: Iterable[Any],
+    val_loader: Iterable[Any],
+    out: Path,
+    resume: bool,
+) -> tuple[Any, Any, nn.Module, float]:
+    """Build the model and fit it with the SPEC §4 objective; returns the trainer, its
+    history, the best model and the training seconds (the same for in-memory and
+    streamed data: only the loaders differ)."""
+    import torch
+
+    from celltune.losses import masked_mse
+    from celltune.train import Trainer
+
+    torch.manual_seed(cfg.train.seed)
+    model = _build_model(cfg, vocab, n_batches, pretrained)
+    model.vocab = vocab  # type: ignore[attr-defined]
+    objective = _objective(cfg)
+    mask_value = cfg.tokens.mask_value
+
+    def step_fn(net: nn.Module, batch: Mapping[str, torch.Tensor], ctx: Any) -> Any:
+        outputs = _forward(net, ctx.module, batch, cfg)
+        mask = batch["values"].eq(mask_value) & ~batch["padding_mask"]
+        return objective(outputs, batch, mask)
+
+    def eval_fn(net: nn.Module, ctx: Any) -> dict[str, float]:
+        sums: dict[str, float] = {}
+        n_total = 0
+        for batch in val_loader:
+            batch = {k: v.to(ctx.device) for k, v in batch.items()}
+            with ctx.autocast():
+                outputs = _forward(net, net, batch, cfg)
+                mask = batch["values"].eq(mask_value) & ~batch["padding_mask"]
+                loss, terms = objective(outputs, batch, mask)
+                if "mse" not in terms:  # model selection uses it even when its weight is 0
+                    terms["mse"] = masked_mse(outputs["mlm_output"], batch["target_values"], mask)
+            n = int(batch["gene_ids"].shape[0])
+            n_total += n
+            sums["loss"] = sums.get("loss", 0.0) + float(loss) * n
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * n
+        return {f"val/{k}": v / max(n_total, 1) for k, v in sums.items()}
+
+    trainer = Trainer(model, cfg.train, step_fn=step_fn, eval_fn=eval_fn, out_dir=out)
+    t_train = time.perf_counter()
+    history = trainer.fit(train_loader, resume=resume)
+    train_seconds = time.perf_counter() - t_train
+    model = trainer.best_model()
+    logger.info(
+        "training done in %.1f s: best epoch %s (%s %.5g)%s",
+        train_seconds,
+        history.best_epoch,
+        history.select_metric,
+        history.best_metric if history.best_metric is not None else float("nan"),
+        ", stopped early" if history.stopped_early else "",
+    )
+    return trainer, history, model, train_seconds
+
+
 # ----------------------------------------------------------------------------- embedding
 def embed_cells(
     model: nn.Module,
@@ -450,34 +635,62 @@ def embed_cells(
     Eval mode, no masking, per-cell randomness (gene sub-sampling) keyed on the cell, and
     per-cell DSBN: a cell's embedding does not depend on the chunk it is computed in.
     """
-    import torch
     from torch.utils.data import DataLoader
+
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator)
+    out = np.zeros((len(dataset), model.config.d_model), dtype=np.float32)  # type: ignore[attr-defined]
+    embed_into(out, model, loader, device=device, quiet=quiet, normalize=normalize)
+    return out
+
+
+def embed_into(
+    out: np.ndarray,
+    model: nn.Module,
+    loader: Iterable[Mapping[str, Any]],
+    *,
+    position_of: Any = None,
+    device: torch.device | str = "cpu",
+    quiet: bool = False,
+    normalize: bool = True,
+) -> None:
+    """Write the embedding of every mini-batch of ``loader`` into rows of ``out``.
+
+    ``out`` may be an on-disk ``np.memmap`` (streamed data: memory stays that of one
+    mini-batch). Row = ``position_of(batch["cell_index"])`` (default: the cell index).
+    """
+    import torch
     from tqdm.auto import tqdm
 
     device = torch.device(device)
     model = model.to(device)
     was_training = model.training
     model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator)
-    out = np.zeros((len(dataset), model.config.d_model), dtype=np.float32)  # type: ignore[attr-defined]
+    total = len(loader) if hasattr(loader, "__len__") else None
     try:
         with torch.no_grad():
-            for batch in tqdm(loader, desc="embedding", unit="batch", disable=quiet, leave=False):
+            for batch in tqdm(
+                loader, desc="embedding", unit="batch", total=total, disable=quiet, leave=False
+            ):
                 idx = batch["cell_index"].numpy()
+                if position_of is not None:
+                    idx = position_of(idx)
                 labels = _batch_labels_for(model, batch)
-                emb = model.embed(  # type: ignore[attr-defined]
-                    batch["gene_ids"].to(device),
-                    batch["values"].to(device),
-                    batch["padding_mask"].to(device),
-                    batch_labels=None if labels is None else labels.to(device),
+                emb = (
+                    model.embed(  # type: ignore[attr-defined]
+                        batch["gene_ids"].to(device),
+                        batch["values"].to(device),
+                        batch["padding_mask"].to(device),
+                        batch_labels=None if labels is None else labels.to(device),
+                    )
+                    .float()
+                    .cpu()
+                    .numpy()
                 )
-                out[idx] = emb.float().cpu().numpy()
+                if normalize:
+                    emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+                out[idx] = emb
     finally:
         model.train(was_training)
-    if normalize:
-        norms = np.linalg.norm(out, axis=1, keepdims=True)
-        out = out / np.maximum(norms, 1e-12)
-    return out
 
 
 # ----------------------------------------------------------------------------- integrate
@@ -526,27 +739,20 @@ def integrate(
     ``integrated.h5ad`` go (``None``: a temporary directory, nothing kept).
     ``resume``: continue from ``out_dir/checkpoint.pt`` (same settings required).
     """
-    import torch
 
     from celltune.data import io
     from celltune.data.binning import cell_keys
-    from celltune.data.dataset import CellDataset, TokenCollator
-    from celltune.data.preprocess import PreprocessConfig, preprocess
+    from celltune.data.dataset import CellDataset
+    from celltune.data.preprocess import preprocess
     from celltune.data.sampler import BatchAwareSampler
     from celltune.data.vocab import GeneVocab
-    from celltune.losses import masked_mse
-    from celltune.train import Trainer, make_loader
     from celltune.train import distributed as dist_utils
+    from celltune.train import make_loader
 
     t_start = time.perf_counter()
-    if config is None:
-        cfg = IntegrationConfig()
-    elif isinstance(config, IntegrationConfig):
-        cfg = copy.deepcopy(config)  # the caller's object is not changed
-    else:
-        cfg = config_from_dict(IntegrationConfig, config)
-    cfg.validate()
-    d, t, m = cfg.data, cfg.tokens, cfg.model
+    dist_utils.init_distributed()  # under torchrun: samplers below must see the group
+    cfg = resolve_config(config)
+    d = cfg.data
     seed = cfg.train.seed
     quiet = cfg.train.quiet
     assert d.batch_key is not None
@@ -562,51 +768,20 @@ def integrate(
         _check_resume(cfg, out, resume)
 
     # 1. pretrained vocabulary, preprocessing -----------------------------------------
-    pretrained = None
+    pretrained = load_pretrained(cfg)
     n_matched = None
     ad_in = adata
-    if m.pretrained:
-        from celltune.model.checkpoint import load_model
-
-        pretrained = load_model(m.pretrained, device="cpu")
+    if pretrained is not None:
         vocab = pretrained.vocab
-        if vocab is None:
-            raise InputError(
-                f"pretrained model {m.pretrained} has no vocab.json: a model directory needs "
-                "args.json, vocab.json and best_model.pt"
-            )
         match = vocab.match_genes(list(_gene_names(adata, d.gene_column)))  # logs the count
         n_matched = int(match.n_matched)
         ad_in = adata[:, np.asarray(match.matched, dtype=bool)]
-        # The resolved config reports the architecture actually used.
-        pc = pretrained.config
-        for name in ("d_model", "nhead", "d_hid", "nlayers", "nlayers_cls", "input_emb_style"):
-            setattr(m, name, getattr(pc, name))
-        m.cell_emb_style, m.pre_norm = pc.cell_emb_style, pc.pre_norm
-        if pc.pad_value != t.pad_value:
-            logger.info("using the pretrained model's pad_value %s", pc.pad_value)
-            t.pad_value = float(pc.pad_value)
     if d.max_cells is not None:
         ad_in = _subsample_cells(ad_in, d.max_cells, d.batch_key, seed)
     if out_dir is not None and dist_utils.is_main_process():  # after _check_resume
         dump_config(cfg, out / "config.yaml", header="celltune integrate: resolved configuration")
 
-    pp_cfg = PreprocessConfig(
-        layer=d.layer,
-        data_is_raw=d.data_is_raw,
-        filter_gene_by_counts=d.filter_gene_by_counts,
-        filter_cell_by_counts=d.filter_cell_by_counts,
-        normalize_total=d.normalize_total,
-        log1p=d.log1p,
-        n_hvg=d.n_hvg,
-        hvg_flavor=d.hvg_flavor,
-        batch_key=d.batch_key if len(batch_cats) > 1 else None,
-        n_bins=d.n_bins,
-        seed=seed,
-    )
-    if d.n_hvg and ad_in.n_vars <= d.n_hvg:
-        logger.info("n_hvg %d >= genes available (%d): keeping all genes", d.n_hvg, ad_in.n_vars)
-        pp_cfg = dataclasses.replace(pp_cfg, n_hvg=0)
+    pp_cfg = preprocess_config(cfg, len(batch_cats), ad_in.n_vars)
     pp = preprocess(ad_in, pp_cfg, quiet=quiet)
     genes = list(_gene_names(pp, d.gene_column))
     if pretrained is None:
@@ -634,25 +809,10 @@ def integrate(
     train_ds = CellDataset(pp[train_idx].copy(), gene_ids, **ds_kwargs)
     val_ds = CellDataset(pp[val_idx].copy(), gene_ids, **ds_kwargs)
     all_ds = CellDataset(pp, gene_ids, **ds_kwargs)
-    coll_kwargs: dict[str, Any] = {
-        "n_genes": pp.n_vars,
-        "gene_ids": gene_ids,
-        "cls_id": vocab.cls_id,
-        "pad_id": vocab.pad_id,
-        "include_zero_gene": t.include_zero_gene,
-        "max_seq_len": t.max_seq_len,
-        "pad_value": t.pad_value,
-        "mask_value": t.mask_value,
-        "mask_cls": t.mask_cls,
-        "seed": seed,
-    }
-    train_coll = TokenCollator(mask_ratio=t.mask_ratio, **coll_kwargs)
-    # The validation masks stay fixed (epoch 0) so val/mse is comparable across epochs.
-    val_coll = TokenCollator(mask_ratio=t.mask_ratio, **coll_kwargs)
-    embed_coll = TokenCollator(mask_ratio=0.0, **coll_kwargs)
+    train_coll, val_coll, embed_coll = collators(cfg, vocab, gene_ids)
 
     tc = cfg.train
-    if m.dsbn:
+    if cfg.model.dsbn:
         sampler = BatchAwareSampler(
             train_ds.batch_labels,
             tc.batch_size,
@@ -667,47 +827,8 @@ def integrate(
     val_loader = make_loader(val_ds, tc, collate_fn=val_coll, eval=True)
 
     # 3. model, objective, training ----------------------------------------------------
-    torch.manual_seed(seed)
-    model = _build_model(cfg, vocab, len(batch_cats), pretrained)
-    model.vocab = vocab  # type: ignore[attr-defined]
-    objective = _objective(cfg)
-    mask_value = t.mask_value
-
-    def step_fn(net: nn.Module, batch: Mapping[str, torch.Tensor], ctx: Any) -> Any:
-        outputs = _forward(net, ctx.module, batch, cfg)
-        mask = batch["values"].eq(mask_value) & ~batch["padding_mask"]
-        return objective(outputs, batch, mask)
-
-    def eval_fn(net: nn.Module, ctx: Any) -> dict[str, float]:
-        sums: dict[str, float] = {}
-        n_total = 0
-        for batch in val_loader:
-            batch = {k: v.to(ctx.device) for k, v in batch.items()}
-            with ctx.autocast():
-                outputs = _forward(net, net, batch, cfg)
-                mask = batch["values"].eq(mask_value) & ~batch["padding_mask"]
-                loss, terms = objective(outputs, batch, mask)
-                if "mse" not in terms:  # model selection uses it even when its weight is 0
-                    terms["mse"] = masked_mse(outputs["mlm_output"], batch["target_values"], mask)
-            n = int(batch["gene_ids"].shape[0])
-            n_total += n
-            sums["loss"] = sums.get("loss", 0.0) + float(loss) * n
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v) * n
-        return {f"val/{k}": v / max(n_total, 1) for k, v in sums.items()}
-
-    trainer = Trainer(model, tc, step_fn=step_fn, eval_fn=eval_fn, out_dir=out)
-    t_train = time.perf_counter()
-    history = trainer.fit(train_loader, resume=resume)
-    train_seconds = time.perf_counter() - t_train
-    model = trainer.best_model()
-    logger.info(
-        "training done in %.1f s: best epoch %s (%s %.5g)%s",
-        train_seconds,
-        history.best_epoch,
-        history.select_metric,
-        history.best_metric if history.best_metric is not None else float("nan"),
-        ", stopped early" if history.stopped_early else "",
+    trainer, history, model, train_seconds = train_integration_model(
+        cfg, vocab, len(batch_cats), pretrained, train_loader, val_loader, out, resume
     )
 
     # 4. embed every cell, write outputs -----------------------------------------------
@@ -726,17 +847,7 @@ def integrate(
     result_ad.obs[SPLIT_KEY] = pd.Categorical(split, categories=["train", "valid"])
     all_genes = _gene_names(result_ad, d.gene_column)
     result_ad.var["celltune_hvg"] = all_genes.isin(set(genes))
-    task_info = {
-        "task": "integration",
-        "batch_key": d.batch_key,
-        "batch_categories": batch_cats,
-        "label_key": d.label_key,
-        "gene_column": d.gene_column,
-        "n_bins": d.n_bins,
-        "seed": seed,
-        "tokens": dataclasses.asdict(t),
-        "preprocess": {k: v for k, v in dataclasses.asdict(pp_cfg).items()},
-    }
+    task_info = task_record(cfg, batch_cats, pp_cfg)
     result_ad.uns["celltune"] = {
         "integration": {
             **task_info,
