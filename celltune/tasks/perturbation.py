@@ -576,8 +576,15 @@ def train_perturbation_model(
     """Fine-tune the perturbation-flag transformer on a prepared file (see module doc)."""
     from celltune.model.checkpoint import save_model
     from celltune.tasks.config import dump_config
+    from celltune.train import distributed as dist_utils
     from celltune.train.loop import Trainer
 
+    if dist_utils.launched_by_torchrun():
+        # Its loaders and files are not rank-aware yet: refuse rather than train N copies.
+        raise InputError(
+            "perturb train runs in a single process; multi-process (torchrun / --devices) "
+            "training is implemented for `celltune integrate` only. Run it without torchrun"
+        )
     cfg = config or PerturbConfig()
     if quiet is not None:
         cfg = dataclasses.replace(cfg, train=cfg.train.replace(quiet=quiet))
