@@ -140,3 +140,18 @@ def test_plots_written(kang: ad.AnnData, tmp_path: Path) -> None:
     for p in paths.values():
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.e2e
+def test_umaps_of_more_than_8192_cells(kang_donors_path: Path, tmp_path: Path) -> None:
+    """From 8,192 cells scanpy 1.11 switched to a neighbour path that breaks on SciPy
+    1.17 (csr_array.getnnz); the 12k-cell real run got no plots. UMAPs must still come."""
+    from celltune.report.integration_plots import compute_umaps
+
+    big = _preprocessed(kang_donors_path, 8300)
+    pca_embedding(big, n_comps=20)
+    idx, coords = compute_umaps(big, {"pca": "X_pca"}, seed=0)
+    assert idx.size == 8300 and coords["pca"].shape == (8300, 2)
+    assert np.isfinite(coords["pca"]).all() and coords["pca"].std(axis=0).min() > 0.1
+    paths = plot_umaps(big, {"pca": "X_pca"}, tmp_path, batch_key="batch", label_key="cell_type")
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths.values())

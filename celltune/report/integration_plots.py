@@ -37,12 +37,17 @@ def compute_umaps(
     max_cells: int | None = None,
     seed: int = 0,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """2-D UMAP per method (scanpy neighbors + umap), all on the same seeded cell subsample.
+    """2-D UMAP per method (umap-learn), all on the same seeded cell subsample.
+
+    umap-learn is called directly rather than through ``sc.pp.neighbors`` + ``sc.tl.umap``:
+    scanpy 1.11's neighbour path for 8,192 cells or more calls
+    ``csr_array.getnnz``, which SciPy 1.17 removed, so larger datasets got no plots.
 
     Returns ``(cell_index, {method: (n, 2) coordinates})``.
     """
-    import anndata as ad
-    import scanpy as sc
+    import warnings
+
+    import umap
 
     for method, key in embeddings.items():
         if key not in adata.obsm:
@@ -55,13 +60,13 @@ def compute_umaps(
         idx = np.sort(np.random.default_rng(seed).choice(adata.n_obs, max_cells, replace=False))
     coords = {}
     for method, key in embeddings.items():
-        tmp = ad.AnnData(np.zeros((idx.size, 1), dtype=np.float32))
-        tmp.obsm["emb"] = np.asarray(adata.obsm[key], dtype=np.float32)[idx]
-        sc.pp.neighbors(
-            tmp, n_neighbors=min(n_neighbors, idx.size - 1), use_rep="emb", random_state=seed
-        )
-        sc.tl.umap(tmp, random_state=seed)
-        coords[method] = np.asarray(tmp.obsm["X_umap"])
+        emb = np.asarray(adata.obsm[key], dtype=np.float32)[idx]
+        reducer = umap.UMAP(
+            n_neighbors=min(n_neighbors, idx.size - 1), min_dist=0.5, random_state=seed
+        )  # scanpy's defaults (min_dist 0.5), seeded
+        with warnings.catch_warnings():  # "n_jobs overridden ... by setting random_state"
+            warnings.filterwarnings("ignore", message="n_jobs value", category=UserWarning)
+            coords[method] = np.asarray(reducer.fit_transform(emb), dtype=np.float32)
     return idx, coords
 
 
