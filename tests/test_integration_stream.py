@@ -188,3 +188,21 @@ def test_devices_two_processes_write_one_run(kang_stim_path: Path, tmp_path: Pat
     ad = anndata.read_h5ad(out / "integrated.h5ad")
     assert ad.obsm[EMBEDDING_KEY].shape[1] == 16 and 180 <= ad.n_obs <= 220
     assert (out / "model" / "best_model.pt").is_file()
+
+
+@pytest.mark.e2e
+def test_stream_reads_counts_from_a_layer(kang_stim_path: Path, tmp_path: Path) -> None:
+    """`--layer counts` streams the raw counts of a layer while X holds log data."""
+    import scanpy as sc
+
+    kang = read_h5ad(kang_stim_path)
+    kang = kang[np.sort(np.random.default_rng(0).choice(kang.n_obs, 400, replace=False))].copy()
+    kang.layers["counts"] = kang.X.copy()
+    sc.pp.normalize_total(kang, target_sum=1e4)
+    sc.pp.log1p(kang)
+    kang.write_h5ad(tmp_path / "layered.h5ad")
+    res = integrate_file(tmp_path / "layered.h5ad", _cfg(**{"data.layer": "counts"}))
+    assert res.adata.n_obs == 400 and np.isfinite(res.adata.obsm[EMBEDDING_KEY]).all()
+    assert "counts" in res.processed.layers
+    with pytest.raises(InputError, match="log-transformed"):
+        integrate_file(tmp_path / "layered.h5ad", _cfg())  # X itself is log data

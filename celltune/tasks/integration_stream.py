@@ -24,6 +24,7 @@ What differs, and why:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 import time
@@ -121,8 +122,6 @@ def _normalised_sample(
 ) -> AnnData:
     """An in-memory sample for evaluation: normalise + log1p over the run's genes (as the
     in-memory path), binned, restricted to the HVG columns."""
-    import dataclasses
-
     from celltune.data.preprocess import preprocess
     from celltune.data.streaming import read_cells
 
@@ -221,7 +220,8 @@ def integrate_file(
         sample = sample[:, col_idx].copy()
     n_genes_in = sample.n_vars
     pp_cfg = preprocess_config(cfg, len(batch_cats), n_genes_in)
-    pp_sample = preprocess(sample, pp_cfg, quiet=quiet)
+    # read_cells already put data.layer into X
+    pp_sample = preprocess(sample, dataclasses.replace(pp_cfg, layer=None), quiet=quiet)
     hvg_cols = np.asarray(pp_sample.var["_col"], dtype=np.int64)  # file column of each HVG
     genes = list(file_genes[hvg_cols])
     logger.info(
