@@ -153,7 +153,12 @@ def run_integrate(
             result = integrate(io.read_h5ad(adata), config, out, resume=resume)
     else:
         if config.data.stream:
-            raise ValueError("data.stream needs the input's path, not an AnnData in memory")
+            from celltune.errors import InputError
+
+            raise InputError(
+                "data.stream reads the input file from disk: pass its path "
+                "(run_integrate('data.h5ad', cfg, out)), or set data.stream to false"
+            )
         result = integrate(adata, config, out, resume=resume)
     from celltune.train import distributed as dist_utils
 
