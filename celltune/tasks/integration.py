@@ -718,6 +718,19 @@ def _check_resume(cfg: IntegrationConfig, out_dir: Path, resume: bool) -> None:
         )
 
 
+def open_run_dir(
+    cfg: IntegrationConfig, out_dir: str | Path | None, resume: bool
+) -> tuple[Path, tempfile.TemporaryDirectory[str] | None]:
+    """The run directory (created; resume checked), or a temporary one for ``None``."""
+    if out_dir is None:
+        tmp_dir = tempfile.TemporaryDirectory(prefix="celltune-integrate-")
+        return Path(tmp_dir.name), tmp_dir
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_resume(cfg, out, resume)
+    return out, None
+
+
 def _write_model_dir(model: nn.Module, vocab: Any, path: Path, task: Mapping[str, Any]) -> None:
     from celltune.model.checkpoint import save_model
 
@@ -758,14 +771,7 @@ def integrate(
     assert d.batch_key is not None
 
     batch_cats = check_integration_input(adata, cfg)  # before anything is written
-    tmp_dir: tempfile.TemporaryDirectory[str] | None = None
-    if out_dir is None:
-        tmp_dir = tempfile.TemporaryDirectory(prefix="celltune-integrate-")
-        out = Path(tmp_dir.name)
-    else:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        _check_resume(cfg, out, resume)
+    out, tmp_dir = open_run_dir(cfg, out_dir, resume)
 
     # 1. pretrained vocabulary, preprocessing -----------------------------------------
     pretrained = load_pretrained(cfg)
@@ -890,6 +896,92 @@ def integrate(
 
 
 # ----------------------------------------------------------------------------- embed
+def resolve_embed_device(device: str) -> torch.device:
+    """``auto`` | ``cpu`` | ``cuda`` → a torch device (clear error without a GPU)."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda was requested but no CUDA GPU is available; use cpu")
+    return torch.device(device)
+
+
+def load_embedding_model(model_dir: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """The model of a directory (with its vocabulary) and its ``celltune_task.json``."""
+    from celltune.model.checkpoint import load_model
+
+    model = load_model(model_dir, device="cpu")
+    if model.vocab is None:
+        raise InputError(f"{model_dir} has no vocab.json: a model directory needs one to embed")
+    return model, _read_task_file(model_dir) or {}
+
+
+def embedding_batch_categories(
+    present: list[str] | None, task: Mapping[str, Any], mc: Any, model_dir: Path
+) -> list[str] | None:
+    """Batch category order for embedding: the run's own (``celltune_task.json``), then
+    batches the model has not seen (pooled DSBN statistics). ``present=None``: no
+    ``--batch-key``."""
+    labels_needed = mc.use_batch_labels or mc.use_dsbn or mc.do_dab
+    if present is None:
+        if labels_needed:
+            logger.info("no --batch-key: embedding without batch labels (pooled DSBN statistics)")
+        return None
+    known = task.get("batch_categories")
+    if known is None:
+        known = present
+        if labels_needed:
+            logger.warning(
+                "%s has no %s: batch labels mapped by sorted order (%s) onto the "
+                "model's %d batch slots",
+                model_dir,
+                TASK_FILE,
+                ", ".join(f"{c}→{i}" for i, c in enumerate(known)),
+                mc.num_batch_labels,
+            )
+    unseen = [c for c in present if c not in known]
+    if unseen:
+        logger.warning(
+            "batches unknown to the model (%s): they use pooled DSBN statistics",
+            ", ".join(unseen),
+        )
+    return [*known, *unseen]
+
+
+def embedding_collator(
+    model: nn.Module,
+    task: Mapping[str, Any],
+    gene_ids: np.ndarray,
+    *,
+    include_zero_gene: bool | None = None,
+    max_seq_len: int | None = None,
+    seed: int | None = None,
+) -> Any:
+    """The tokenisation of the run that wrote the model (``celltune_task.json``), else
+    scGPT's ``embed_data`` conventions (non-zero genes, ≤ 1,200, ``<cls>`` = pad value)."""
+    from celltune.data.dataset import TokenCollator
+
+    tok = task.get("tokens", {})
+    vocab = model.vocab  # type: ignore[attr-defined]
+    zero_shot = not task
+    pad_value = float(getattr(model.config, "pad_value", -2))  # type: ignore[attr-defined]
+    return TokenCollator(
+        n_genes=int(gene_ids.size),
+        gene_ids=gene_ids,
+        cls_id=vocab.cls_id,
+        pad_id=vocab.pad_id,
+        include_zero_gene=bool(
+            tok.get("include_zero_gene", False) if include_zero_gene is None else include_zero_gene
+        ),
+        max_seq_len=int(max_seq_len or tok.get("max_seq_len", 1201)),
+        pad_value=pad_value,
+        cls_value=pad_value if zero_shot else 0,
+        mask_ratio=0.0,
+        seed=int(task.get("seed", 0) if seed is None else seed),
+    )
+
+
 def _read_task_file(model_dir: Path) -> dict[str, Any] | None:
     p = model_dir / TASK_FILE
     if not p.is_file():
@@ -927,28 +1019,17 @@ def embed(
     the model (or no ``batch_key``) use pooled DSBN statistics and no batch label.
     """
     import anndata
-    import torch
 
     from celltune.data import io
     from celltune.data.binning import bin_matrix, cell_keys
-    from celltune.data.dataset import CellDataset, TokenCollator
-    from celltune.model.checkpoint import load_model
+    from celltune.data.dataset import CellDataset
 
     if batch_size < 1:
         raise InputError(f"--batch-size must be >= 1 (got {batch_size})")
     mdir = Path(model_dir)
-    if device == "auto":
-        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    elif device == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda was requested but no CUDA GPU is available; use cpu")
-    else:
-        dev = torch.device(device)
-    model = load_model(mdir, device="cpu")
+    dev = resolve_embed_device(device)
+    model, task = load_embedding_model(mdir)
     vocab = model.vocab
-    if vocab is None:
-        raise InputError(f"{mdir} has no vocab.json: a model directory needs one to embed")
-    task = _read_task_file(mdir) or {}
-    tok = task.get("tokens", {})
     mc = model.config
     if gene_column is None:
         gene_column = task.get("gene_column")
@@ -967,33 +1048,12 @@ def embed(
     work = anndata.AnnData(X=binned, obs=pd.DataFrame(index=adata.obs_names.copy()))
     work.layers["X_binned"] = binned
 
-    batch_cats: list[str] | None = None
-    labels_needed = mc.use_batch_labels or mc.use_dsbn or mc.do_dab
+    present = None
     if batch_key is not None:
         col = io.require_obs_column(adata, batch_key, "batch-aware embedding (--batch-key)")
         work.obs[batch_key] = col.astype(str).to_numpy()
-        known = task.get("batch_categories")
         present = _batch_categories(col)
-        if known is None:
-            known = present
-            if labels_needed:
-                logger.warning(
-                    "%s has no %s: batch labels mapped by sorted order (%s) onto the "
-                    "model's %d batch slots",
-                    mdir,
-                    TASK_FILE,
-                    ", ".join(f"{c}→{i}" for i, c in enumerate(known)),
-                    mc.num_batch_labels,
-                )
-        unseen = [c for c in present if c not in known]
-        if unseen:
-            logger.warning(
-                "batches unknown to the model (%s): they use pooled DSBN statistics",
-                ", ".join(unseen),
-            )
-        batch_cats = [*known, *unseen]
-    elif labels_needed:
-        logger.info("no --batch-key: embedding without batch labels (pooled DSBN statistics)")
+    batch_cats = embedding_batch_categories(present, task, mc, mdir)
     ds = CellDataset(
         work,
         np.asarray(match.ids, dtype=np.int64)[matched],
@@ -1002,19 +1062,12 @@ def embed(
         batch_categories=batch_cats,
     )
     zero_shot = not task
-    pad_value = float(getattr(mc, "pad_value", -2))
-    collator = TokenCollator(
-        n_genes=work.n_vars,
-        gene_ids=np.asarray(match.ids, dtype=np.int64)[matched],
-        cls_id=vocab.cls_id,
-        pad_id=vocab.pad_id,
-        include_zero_gene=bool(
-            tok.get("include_zero_gene", False) if include_zero_gene is None else include_zero_gene
-        ),
-        max_seq_len=int(max_seq_len or tok.get("max_seq_len", 1201)),
-        pad_value=pad_value,
-        cls_value=pad_value if zero_shot else 0,
-        mask_ratio=0.0,
+    collator = embedding_collator(
+        model,
+        task,
+        np.asarray(match.ids, dtype=np.int64)[matched],
+        include_zero_gene=include_zero_gene,
+        max_seq_len=max_seq_len,
         seed=data_seed,
     )
     emb = embed_cells(model, ds, collator, batch_size=batch_size, device=dev, quiet=quiet)

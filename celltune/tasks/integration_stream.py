@@ -40,18 +40,20 @@ from celltune.tasks.config import dump_config
 from celltune.tasks.integration import (
     EMBEDDING_KEY,
     SPLIT_KEY,
-    TASK_FILE,
     IntegrationConfig,
     IntegrationResult,
-    _check_resume,
-    _read_task_file,
     _write_model_dir,
     check_batch_counts,
     collators,
     embed_into,
+    embedding_batch_categories,
+    embedding_collator,
+    load_embedding_model,
     load_pretrained,
+    open_run_dir,
     preprocess_config,
     resolve_config,
+    resolve_embed_device,
     stratified_split,
     task_record,
     train_integration_model,
@@ -188,14 +190,7 @@ def integrate_file(
     counts = pd.Series(np.bincount(codes[rows_all], minlength=len(batch_cats)), index=batch_cats)
     check_batch_counts(counts, cfg)
 
-    tmp_dir: tempfile.TemporaryDirectory[str] | None = None
-    if out_dir is None:
-        tmp_dir = tempfile.TemporaryDirectory(prefix="celltune-integrate-")
-        out = Path(tmp_dir.name)
-    else:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        _check_resume(cfg, out, resume)
+    out, tmp_dir = open_run_dir(cfg, out_dir, resume)
 
     # 1. genes: pretrained vocabulary, HVGs on a sample ----------------------------------
     pretrained = load_pretrained(cfg)
@@ -435,30 +430,17 @@ def embed_file(
     embedding of each cell are those of ``embed`` (tested to match).
     """
     import anndata
-    import torch
 
     from celltune.data import io
-    from celltune.data.dataset import TokenCollator
     from celltune.data.streaming import H5adSource, StreamingCellDataset
-    from celltune.model.checkpoint import load_model
 
     if batch_size < 1:
         raise InputError(f"--batch-size must be >= 1 (got {batch_size})")
     path, mdir, out_path = Path(path), Path(model_dir), Path(out_path)
-    if device == "auto":
-        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    elif device == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda was requested but no CUDA GPU is available; use cpu")
-    else:
-        dev = torch.device(device)
+    dev = resolve_embed_device(device)
     src = H5adSource(path, layer)
-    model = load_model(mdir, device="cpu")
-    vocab = model.vocab
-    if vocab is None:
-        raise InputError(f"{mdir} has no vocab.json: a model directory needs one to embed")
-    task = _read_task_file(mdir) or {}
-    tok = task.get("tokens", {})
-    mc = model.config
+    model, task = load_embedding_model(mdir)
+    vocab, mc = model.vocab, model.config
     if gene_column is None:
         gene_column = task.get("gene_column")
         if gene_column is not None and gene_column not in src.file["var"]:
@@ -466,35 +448,11 @@ def embed_file(
     match = vocab.match_genes(list(_file_genes(src, gene_column)))  # logs the count
     matched = np.flatnonzero(np.asarray(match.matched, dtype=bool))
     gene_ids = np.asarray(match.ids, dtype=np.int64)[matched]
-    n_bins = int(task.get("n_bins", getattr(mc, "n_input_bins", 51) or 51))
-    data_seed = int(task.get("seed", 0))
-
-    batch_cats: list[str] | None = None
-    labels_needed = mc.use_batch_labels or mc.use_dsbn or mc.do_dab
+    present = None
     if batch_key is not None:
-        _, present = src.obs_codes(batch_key, None, "batch-aware embedding (--batch-key)")
-        present = [str(c) for c in present]
-        known = task.get("batch_categories")
-        if known is None:
-            known = present
-            if labels_needed:
-                logger.warning(
-                    "%s has no %s: batch labels mapped by sorted order onto the model's "
-                    "%d batch slots",
-                    mdir,
-                    TASK_FILE,
-                    mc.num_batch_labels,
-                )
-        unseen = [c for c in present if c not in known]
-        if unseen:
-            logger.warning(
-                "batches unknown to the model (%s): they use pooled DSBN statistics",
-                ", ".join(unseen),
-            )
-        batch_cats = [*known, *unseen]
-    elif labels_needed:
-        logger.info("no --batch-key: embedding without batch labels (pooled DSBN statistics)")
-
+        _, cats = src.obs_codes(batch_key, None, "batch-aware embedding (--batch-key)")
+        present = [str(c) for c in cats]
+    batch_cats = embedding_batch_categories(present, task, mc, mdir)
     ds = StreamingCellDataset(
         path,
         gene_ids,
@@ -507,25 +465,13 @@ def embed_file(
         buffer_chunks=buffer_chunks,
         shuffle=False,
         group_by_batch=False,
-        n_bins=n_bins,
-        seed=data_seed,
+        n_bins=int(task.get("n_bins", getattr(mc, "n_input_bins", 51) or 51)),
+        seed=int(task.get("seed", 0)),
         num_replicas=1,
         rank=0,
     )
     zero_shot = not task
-    pad_value = float(getattr(mc, "pad_value", -2))
-    collator = TokenCollator(
-        n_genes=int(gene_ids.size),
-        gene_ids=gene_ids,
-        cls_id=vocab.cls_id,
-        pad_id=vocab.pad_id,
-        include_zero_gene=bool(tok.get("include_zero_gene", False)),
-        max_seq_len=int(max_seq_len or tok.get("max_seq_len", 1201)),
-        pad_value=pad_value,
-        cls_value=pad_value if zero_shot else 0,
-        mask_ratio=0.0,
-        seed=data_seed,
-    )
+    collator = embedding_collator(model, task, gene_ids, max_seq_len=max_seq_len)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="celltune-embed-", dir=out_path.parent) as tmp:
         emb = _memmap(Path(tmp) / EMBEDDING_FILE, src.n_obs, mc.d_model)
