@@ -130,7 +130,8 @@ def _normalised_sample(
     ad = read_cells(path, rows, layer=cfg.data.layer, obs_keys=obs_keys)
     if col_idx is not None:
         ad = ad[:, col_idx].copy()
-    # Normalise over the same genes as the HVG sample did, then keep the HVGs.
+    # Normalise over all of the run's genes, then keep the HVGs (the HVG sample first
+    # dropped genes with < filter_gene_by_counts counts: a negligible change of totals).
     keep_cfg = dataclasses.replace(
         pp_cfg, layer=None, n_hvg=0, filter_gene_by_counts=None, filter_cell_by_counts=None
     )
