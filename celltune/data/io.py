@@ -33,11 +33,8 @@ NOT_RAW_HINT = (
 )
 
 
-def read_h5ad(path: str | os.PathLike[str], backed: bool = False) -> AnnData:
-    """Read an ``.h5ad`` file, turning the usual h5py/anndata failures into one clear error."""
-    import anndata
-
-    p = Path(path)
+def check_h5ad_path(p: Path, fix: str = "") -> None:
+    """Exists, is a file, and is HDF5 (what an ``.h5ad`` is); else one clear error."""
     if not p.exists():
         raise InputError(f"input file not found: {p}; check the path (cwd is {Path.cwd()})")
     if p.is_dir():
@@ -47,8 +44,16 @@ def read_h5ad(path: str | os.PathLike[str], backed: bool = False) -> AnnData:
     if head != _HDF5_MAGIC:
         raise InputError(
             f"{p} is not an .h5ad (HDF5) file; convert it first, e.g. with scanpy "
-            "(sc.read_10x_mtx / sc.read_csv / sc.read_loom, then adata.write_h5ad(...))"
+            "(sc.read_10x_mtx / sc.read_csv / sc.read_loom, then adata.write_h5ad(...))" + fix
         )
+
+
+def read_h5ad(path: str | os.PathLike[str], backed: bool = False) -> AnnData:
+    """Read an ``.h5ad`` file, turning the usual h5py/anndata failures into one clear error."""
+    import anndata
+
+    p = Path(path)
+    check_h5ad_path(p)
     try:
         return anndata.read_h5ad(p, backed="r" if backed else None)
     except Exception as err:  # h5py / anndata raise many different types here

@@ -55,6 +55,7 @@ import scipy.sparse as sp
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from celltune.data.binning import bin_matrix, cell_keys
+from celltune.data.io import check_h5ad_path
 from celltune.errors import InputError
 
 if TYPE_CHECKING:
@@ -63,7 +64,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 #: Mixed into every planning RNG so streaming draws never collide with other consumers of
 #: ``default_rng([seed, epoch, ...])`` (masks use ``[seed, epoch, cell_key]``).
 _PLAN_TAG = 0x57AE
@@ -82,7 +82,7 @@ class H5adSource:
         self._file: h5py.File | None = None
         self.path = Path(path)
         self.layer = layer
-        _check_h5ad_file(self.path)
+        check_h5ad_path(self.path, "; streaming needs an .h5ad on disk")
         try:
             self._read_layout(layer)
         except BaseException:
@@ -797,20 +797,6 @@ def sample_rows(
         k = max(1, round(n * idx.size / n_obs))
         keep.append(rng.choice(idx, min(k, idx.size), replace=False))
     return np.sort(np.concatenate(keep))
-
-
-def _check_h5ad_file(p: Path) -> None:
-    if not p.exists():
-        raise InputError(f"input file not found: {p}; check the path (cwd is {Path.cwd()})")
-    if p.is_dir():
-        raise InputError(f"{p} is a directory, not an .h5ad file; give the path of the file")
-    with open(p, "rb") as fh:
-        head = fh.read(8)
-    if head != _HDF5_MAGIC:
-        raise InputError(
-            f"{p} is not an .h5ad (HDF5) file; convert it first (e.g. with scanpy, then "
-            "adata.write_h5ad(...)); streaming needs an .h5ad on disk"
-        )
 
 
 def _attr_str(value: Any) -> str:

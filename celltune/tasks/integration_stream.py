@@ -310,10 +310,11 @@ def integrate_file(
         )
 
     # 4. embed every cell into an on-disk array ------------------------------------------
+    emb_rows = None if rows_all.size == n_obs else rows_all  # None: the whole file
     emb_ds = StreamingCellDataset(
         path,
         gene_ids,
-        rows=None if rows_all.size == n_obs else rows_all,
+        rows=emb_rows,
         batch_size=eval_bs,
         shuffle=False,
         group_by_batch=False,
@@ -326,7 +327,7 @@ def integrate_file(
         emb,
         model,
         emb_ds.loader(embed_coll, **loader_kw),
-        position_of=_position_of(None if rows_all.size == n_obs else rows_all),
+        position_of=_position_of(emb_rows),
         device=trainer.device,
         quiet=quiet,
     )
@@ -339,7 +340,7 @@ def integrate_file(
 
     split = np.full(rows_all.size, "train", dtype=object)
     split[val_pos] = "valid"
-    obs = _obs_frame(path, None if rows_all.size == n_obs else rows_all).copy()
+    obs = _obs_frame(path, emb_rows).copy()
     obs[SPLIT_KEY] = pd.Categorical(split, categories=["train", "valid"])
     var = pd.DataFrame(index=src.var_names().astype(str))
     var["celltune_hvg"] = False
