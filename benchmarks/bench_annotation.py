@@ -12,7 +12,6 @@ fixed in advance (no tuning on the held-out donor; its model is selected by macr
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import tempfile
 import time

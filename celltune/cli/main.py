@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from celltune.cli import integrate, model, perturb, preprocess, stats
+from celltune.cli import annotate, integrate, model, perturb, preprocess, stats
 
 app = typer.Typer(
     name="celltune",
@@ -20,7 +20,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for _module in (preprocess, integrate, perturb, stats, model):
+for _module in (preprocess, integrate, perturb, stats, model, annotate):
     _module.register(app)
 
 

@@ -40,9 +40,13 @@ def labelled_cells(adata: AnnData, label_key: str, purpose: str) -> tuple[pd.Ser
 
     NaN / empty labels are not a class: those cells are left out with a warning.
     """
-    from celltune.data import io
-
-    col = io.require_obs_column(adata, label_key, purpose)
+    if label_key not in adata.obs.columns:
+        cols = ", ".join(map(str, adata.obs.columns)) or "none"
+        raise InputError(
+            f"obs column {label_key!r} (needed for {purpose}) not found; available obs "
+            f"columns: {cols}. Pass the column with the cell types as --label-key"
+        )
+    col = adata.obs[label_key]
     missing = (
         col.isna().to_numpy() | col.astype(str).str.strip().isin(["", "nan", "NaN"]).to_numpy()
     )

@@ -135,6 +135,30 @@ def _record(
     out.uns["celltune"] = info
 
 
+#: Above this many reference cells the approximate index (pynndescent) is used; below it
+#: scikit-learn's exact search is faster, because pynndescent's numba compilation alone
+#: costs about a minute of CPU per process (measured: 64 s CPU for 750 cells).
+APPROXIMATE_ABOVE = 50_000
+
+
+def _neighbours(
+    ref_emb: np.ndarray, query_emb: np.ndarray, k: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """k neighbours in the reference of every query cell, and of every reference cell."""
+    if ref_emb.shape[0] > APPROXIMATE_ABOVE:
+        from pynndescent import NNDescent
+
+        index = NNDescent(ref_emb, n_neighbors=max(k + 1, 15), random_state=seed, n_jobs=1)
+        nn_idx, nn_dist = index.query(query_emb, k=k)
+        return nn_idx, nn_dist, index.neighbor_graph[1][:, 1 : k + 1]
+    from sklearn.neighbors import NearestNeighbors
+
+    index = NearestNeighbors(n_neighbors=k + 1).fit(ref_emb)
+    ref_dist, _ = index.kneighbors(ref_emb)
+    nn_dist, nn_idx = index.kneighbors(query_emb, n_neighbors=k)
+    return nn_idx, nn_dist, ref_dist[:, 1:]
+
+
 def knn_transfer(
     ref_emb: np.ndarray,
     ref_labels: np.ndarray,
@@ -143,24 +167,20 @@ def knn_transfer(
     k: int = 10,
     seed: int = 0,
 ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
-    """Distance-weighted kNN vote with an approximate index (pynndescent).
+    """Distance-weighted kNN vote (exact search, pynndescent for large references).
 
     Returns classes, the winning class per query cell, its confidence and the vote
     fractions. Confidence = vote fraction × exp(−d̄/σ): d̄ the cell's mean distance to its
     neighbours, σ the median neighbour distance *within* the reference, so a cell far from
     every reference cell gets a low confidence even when its neighbours agree.
     """
-    from pynndescent import NNDescent
-
     if ref_emb.shape[0] <= k:
         raise InputError(
             f"the reference has {ref_emb.shape[0]} labelled cells; --k must be smaller"
         )
     classes = sorted(np.unique(ref_labels).tolist())
     codes = np.searchsorted(classes, ref_labels)
-    index = NNDescent(ref_emb, n_neighbors=max(k + 1, 15), random_state=seed, n_jobs=1)
-    nn_idx, nn_dist = index.query(query_emb, k=k)
-    ref_dist = index.neighbor_graph[1][:, 1 : k + 1]
+    nn_idx, nn_dist, ref_dist = _neighbours(ref_emb, query_emb, k, seed)
     sigma = max(float(np.median(ref_dist)), 1e-6)
     w = np.exp(-nn_dist / sigma)
     votes = np.zeros((query_emb.shape[0], len(classes)))
