@@ -197,3 +197,20 @@ def test_cli_train_predict_evaluate_map(kang, tmp_path):
 
     bad = runner.invoke(app, [*args[:3], "--label-key", "nope", "--out", str(tmp_path / "x")])
     assert isinstance(bad.exception, InputError) and "cell_type" in str(bad.exception)
+
+
+def test_pretrained_trunk_is_loaded_and_head_is_new(kang, fixtures_dir, tmp_path):
+    from celltune.model.checkpoint import load_model
+
+    pre_dir = fixtures_dir / "fixture_integration"
+    pre = load_model(pre_dir)
+    ref = kang[0][::3].copy()
+    cfg = {**TINY, "label_key": "cell_type", "pretrained": str(pre_dir)}
+    cfg["train"] = {**TINY["train"], "max_steps_per_epoch": 1, "lr": 1e-12}
+    res = train_annotation(ref, cfg, tmp_path)
+    assert res.model.config.d_model == pre.config.d_model
+    assert res.model.config.n_cls == len(res.labels)
+    name = "transformer_encoder.layers.0.linear1.weight"
+    a, b = res.model.state_dict()[name], pre.state_dict()[name]
+    assert float((a - b).abs().max()) < 1e-6  # lr≈0: the loaded trunk is unchanged
+    assert len(res.model.vocab) == len(pre.vocab)
