@@ -264,7 +264,7 @@ def evaluate_cmd(
         for name, s in methods.items():
             a = s["all"]
             typer.echo(
-                f"  {name:<11} pearson_delta {a['pearson_delta']:.4f}  "
+                f"  {name:<13} pearson_delta {a['pearson_delta']:.4f}  "
                 f"pearson_de_delta {a['pearson_de_delta']:.4f}  mse {a['mse']:.5f}"
             )
     typer.echo(f"wrote {run_dir}/metrics.json and report.html")
