@@ -427,6 +427,10 @@ def compute_perturbation_stats(
             "min_cells": min_cells,
         },
     )
+    from celltune.analysis.perturbation_systematic import systematic_variation
+
+    sys_table, summary["systematic_variation"] = systematic_variation(Xlog, codes, list(cats))
+    per_pert = per_pert.merge(sys_table, on="perturbation", how="left")
     mv = pd.DataFrame({"mean": c_mean, "var": c_var})
     return PerturbationStats(summary, per_pert, per_gene, pd.DataFrame(top_rows), mv)
 

@@ -264,10 +264,91 @@ def evaluate_cmd(
         for name, s in methods.items():
             a = s["all"]
             typer.echo(
-                f"  {name:<11} pearson_delta {a['pearson_delta']:.4f}  "
+                f"  {name:<13} pearson_delta {a['pearson_delta']:.4f}  "
                 f"pearson_de_delta {a['pearson_de_delta']:.4f}  mse {a['mse']:.5f}"
             )
     typer.echo(f"wrote {run_dir}/metrics.json and report.html")
+
+
+BENCHMARK_EXAMPLES = """
+Examples:
+
+  celltune perturb benchmark raw.h5ad --out bench/papalexi --seeds 5
+
+  celltune perturb benchmark gears.h5ad --out bench/adamson --not-raw --seeds 3 --epochs 2
+
+Train options as in 'perturb train' (--config, --set section.key=value, --epochs, ...).
+"""
+
+
+@perturb_app.command("benchmark", epilog=BENCHMARK_EXAMPLES)
+def benchmark_cmd(
+    data: Path = typer.Argument(..., help="Perturb-seq .h5ad, as for 'perturb prepare'."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory."),
+    seeds: int = typer.Option(5, "--seeds", help="Split seeds K (seeds 1..K)."),
+    split: str = typer.Option("simulation", help="GEARS split type, as for 'prepare'."),
+    not_raw: bool = typer.Option(
+        False, "--not-raw", help="X is already normalised + log1p: skip normalisation."
+    ),
+    n_hvg: int = typer.Option(5000, help="Highly variable genes kept (all when fewer)."),
+    n_ctrl: int | None = typer.Option(
+        None, "--n-ctrl", help="Control cells averaged per prediction (default: config)."
+    ),
+    config: Path | None = typer.Option(None, "--config", help="YAML train config."),
+    epochs: int | None = typer.Option(None, "--epochs", help="Epochs (default 15)."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Mini-batch."),
+    device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda."),
+    seed: int | None = typer.Option(None, "--seed", help="Model seed, fixed over splits (0)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Logs only, no progress bars."),
+    set_: list[str] | None = typer.Option(
+        None, "--set", help="Any config key: section.key=value (repeatable)."
+    ),
+) -> None:
+    """Train and score the model and every baseline on K split seeds, with uncertainty.
+
+    Writes OUT/metrics.json (per seed; mean ± sd per metric and method; paired comparison
+    against the best baseline of each seed: wins out of K, mean difference, bootstrap 95%
+    interval), benchmark_summary.csv, benchmark_paired.csv, benchmark_metrics.png,
+    report.html, and each seed's data and run under OUT/seed_S/.
+    """
+    from celltune.errors import CelltuneError
+    from celltune.report.perturbation_benchmark import HEADLINE, run_benchmark
+    from celltune.tasks.config import apply_overrides
+    from celltune.tasks.perturbation import load_perturb_config
+
+    _setup_logging()
+    try:
+        cfg = load_perturb_config(config)
+        cfg = apply_overrides(cfg, list(set_ or []))
+        cfg = apply_overrides(
+            cfg,
+            {
+                "train.epochs": epochs,
+                "train.batch_size": batch_size,
+                "train.device": device,
+                "train.seed": seed,
+                "train.quiet": True if quiet else None,
+            },
+        )
+        cfg.validate()
+        res = run_benchmark(
+            data, out, cfg, seeds=seeds, split=split, data_is_raw=not not_raw, n_hvg=n_hvg,
+            n_ctrl=n_ctrl, quiet=quiet,
+        )  # fmt: skip
+    except CelltuneError as err:
+        typer.secho(f"Error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from err
+    typer.echo(f"{len(res['seeds'])} split seeds in {res['seconds']:.0f} s; mean ± sd:")
+    for name, s in res["summary"].items():
+        cells = "  ".join(f"{m} {s[m]['mean']:.3f}±{s[m]['sd']:.3f}" for m in HEADLINE[:3])
+        typer.echo(f"  {name:<13} {cells}")
+    for row in res["paired_vs_best_baseline"]:
+        if row["metric"] in HEADLINE:
+            typer.echo(
+                f"  vs best baseline, {row['metric']}: wins {row['wins']}/{row['k']}, "
+                f"diff {row['mean_diff']:+.3f} [{row['ci_low']:+.3f}, {row['ci_high']:+.3f}]"
+            )
+    typer.echo(f"wrote {out}/metrics.json and report.html")
 
 
 def register(app: typer.Typer) -> None:

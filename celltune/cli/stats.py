@@ -47,6 +47,7 @@ def stats(
         raise typer.Exit(2) from err
     for sentence in report_sentences(result.summary).values():
         typer.echo(sentence)
+    typer.echo(result.summary["systematic_variation"]["reading"])
     typer.echo(f"wrote {out}/stats.json, per_perturbation.csv, per_gene.csv, report.html")
 
 

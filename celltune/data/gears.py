@@ -204,13 +204,58 @@ def _group_means(X: sp.csr_matrix, codes: np.ndarray, n_groups: int) -> np.ndarr
 # ---------------------------------------------------------------- DE genes
 
 
+#: a condition with fewer cells than this has no t-test; its genes are ranked by |change|
+MIN_CELLS_DE = 2
+
+
+def _rank_cell_type(sub: AnnData, ref: str) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Gene ids per condition_name, ranked as GEARS does (t-test vs control, by |t|).
+
+    A condition with fewer than ``MIN_CELLS_DE`` cells (or a control that small) has no
+    variance to test: its genes are ranked by the absolute difference of its mean from
+    the control mean instead; those conditions are returned second.
+    """
+    import scanpy as sc
+
+    names = sub.obs["condition_name"].astype(str)
+    sizes = names.value_counts()
+    gene_ids = np.asarray(sub.var_names.astype(str))
+    testable = [g for g in sizes.index if sizes[g] >= MIN_CELLS_DE and g != ref]
+    out: dict[str, np.ndarray] = {}
+    by_change: list[str] = []
+    if sizes.get(ref, 0) >= MIN_CELLS_DE and testable:
+        t = sub[names.isin([*testable, ref]).to_numpy()].copy()
+        t.obs["condition_name"] = t.obs["condition_name"].astype(str).astype("category")
+        with warnings.catch_warnings():  # scanpy's own pandas fragmentation warnings
+            warnings.simplefilter("ignore", category=pd.errors.PerformanceWarning)
+            sc.tl.rank_genes_groups(
+                t,
+                groupby="condition_name",
+                reference=ref,
+                rankby_abs=True,
+                n_genes=t.n_vars,
+                use_raw=False,
+                method="t-test",
+            )
+        ranked = t.uns["rank_genes_groups"]["names"]
+        out = {g: np.asarray(ranked[g]).astype(str) for g in ranked.dtype.names}
+    X = _csr(sub.X)
+    ctrl_mean = np.asarray(X[(names == ref).to_numpy()].mean(axis=0)).ravel()
+    for g in sizes.index:
+        if g == ref or g in out:
+            continue
+        change = np.abs(np.asarray(X[(names == g).to_numpy()].mean(axis=0)).ravel() - ctrl_mean)
+        out[g] = gene_ids[np.argsort(-change, kind="stable")]
+        by_change.append(g)
+    return out, by_change
+
+
 def compute_de_genes(adata: AnnData, n_top: int = 20) -> dict[str, dict[str, np.ndarray]]:
     """GEARS DE genes: rank all genes per condition vs control, then the top-20 filters.
 
     Expects log-normalised ``X`` and the GEARS ``obs`` columns; stores the five ``DE_KEYS``
     in ``adata.uns`` and returns them.
     """
-    import scanpy as sc
 
     for col in ("condition", "cell_type", "condition_name"):
         if col not in adata.obs.columns:
@@ -220,6 +265,7 @@ def compute_de_genes(adata: AnnData, n_top: int = 20) -> dict[str, dict[str, np.
             )
     gene_ids = np.asarray(adata.var_names.astype(str))
     ranked: dict[str, np.ndarray] = {}
+    by_change: list[str] = []
     for cell_type in pd.unique(adata.obs["cell_type"].astype(str)):
         sub = adata[adata.obs["cell_type"].astype(str) == cell_type].copy()
         sub.obs["condition_name"] = sub.obs["condition_name"].astype(str).astype("category")
@@ -233,20 +279,9 @@ def compute_de_genes(adata: AnnData, n_top: int = 20) -> dict[str, dict[str, np.
             )
         if len(groups) < 2:
             continue
-        with warnings.catch_warnings():  # scanpy's own pandas fragmentation warnings
-            warnings.simplefilter("ignore", category=pd.errors.PerformanceWarning)
-            sc.tl.rank_genes_groups(
-                sub,
-                groupby="condition_name",
-                reference=ref,
-                rankby_abs=True,
-                n_genes=sub.n_vars,
-                use_raw=False,
-                method="t-test",
-            )
-        names = sub.uns["rank_genes_groups"]["names"]
-        for group in names.dtype.names:
-            ranked[group] = np.asarray(names[group]).astype(str)
+        got, small = _rank_cell_type(sub, ref)
+        ranked.update(got)
+        by_change.extend(small)
 
     X = _csr(adata.X)
     cond = adata.obs["condition"].astype(str)
@@ -275,6 +310,15 @@ def compute_de_genes(adata: AnnData, n_top: int = 20) -> dict[str, dict[str, np.
         out["non_zeros_gene_idx"][name] = non_zero.astype(np.int64)
     for key, value in out.items():
         adata.uns[key] = value
+    # conditions too small for the t-test (GEARS would stop): ranked by |mean − ctrl mean|
+    adata.uns["de_by_abs_change"] = np.asarray(sorted(by_change), dtype=str)
+    if by_change:
+        logger.warning(
+            "%d condition(s) have fewer than %d cells, too few for GEARS' t-test: their DE "
+            "genes are ranked by |mean change vs control| instead (uns['de_by_abs_change'])",
+            len(by_change),
+            MIN_CELLS_DE,
+        )
     return out
 
 

@@ -216,6 +216,8 @@ def evaluate_predictions(
     non_dropout_idx: Mapping[str, ArrayLike] | None = None,
     non_zero_idx: Mapping[str, ArrayLike] | None = None,
     subgroups: Mapping[str, Sequence[str]] | None = None,
+    pert_mean: ArrayLike | None = None,
+    target_idx: Mapping[str, Sequence[int]] | None = None,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Per-perturbation metrics and their averages (overall, per subgroup, similarity).
 
@@ -223,7 +225,10 @@ def evaluate_predictions(
     ``pred_means`` are an error (a silently smaller test set would flatter the model).
     Returns ``(per_pert, summary)``: ``per_pert`` has one row per condition (index) with
     a ``subgroup`` column; ``summary`` = ``{"all": {metric: mean}, "subgroups": {name:
-    {metric: mean, "n_perturbations": n}}, "delta_similarity": {...}}``.
+    {metric: mean, "n_perturbations": n}}, "delta_similarity": {...}}``. With
+    ``pert_mean`` (mean of the training perturbations' profiles) the metrics of
+    :mod:`celltune.eval.perturbation_discrimination` are added (``target_idx``: columns of
+    each condition's perturbed genes, left out of the discrimination distance).
     """
     conds = [c for c in true_cells if c != "ctrl"]
     if not conds:
@@ -262,6 +267,12 @@ def evaluate_predictions(
     per["pearson_delta_centered"] = [
         pearson(_deviation(preds[c], P_bar), _deviation(true_means[c], T_bar)) for c in conds
     ]
+    if pert_mean is not None:
+        from celltune.eval.perturbation_discrimination import score_current
+
+        extra = score_current(preds, true_means, C, pert_mean, de_idx, target_idx)
+        for k in next(iter(extra.values())):
+            per[k] = [extra[c][k] for c in conds]
     per.insert(0, "subgroup", [group_of.get(c, "") for c in conds])
 
     metric_cols = [k for k in per.columns if k not in ("subgroup", "n_cells")]
@@ -323,7 +334,9 @@ def eval_inputs_from_adata(
 
     ``uns[de_key]`` may be keyed by ``condition_name`` (GEARS) or by condition, with gene
     ids or gene names. Returns a dict with ``true_cells``, ``ctrl_mean``, ``de_idx``,
-    ``non_dropout_idx``, ``non_zero_idx``, ``subgroups`` (computed from the train split).
+    ``non_dropout_idx``, ``non_zero_idx``, ``subgroups`` (computed from the train split),
+    ``target_idx`` (columns of each condition's perturbed genes) and ``pert_mean`` (mean
+    of the training perturbations' mean profiles, None without training perturbations).
     """
     import scipy.sparse as sp
 
@@ -362,8 +375,9 @@ def eval_inputs_from_adata(
         genes = lists.get(name_of[c], lists.get(c))
         return None if genes is None else _gene_positions(adata, list(genes))
 
-    true_cells, de_idx, nd_idx, nz_idx = {}, {}, {}, {}
+    true_cells, de_idx, nd_idx, nz_idx, target_idx = {}, {}, {}, {}, {}
     for c in test:
+        target_idx[c] = _gene_positions(adata, [g for g in c.split("+") if g != "ctrl"])
         sub = adata.X[cond == c]
         true_cells[c] = np.asarray(sub.toarray() if sp.issparse(sub) else sub, dtype=np.float32)
         d = lookup(de_lists, c)
@@ -380,4 +394,14 @@ def eval_inputs_from_adata(
         "non_dropout_idx": nd_idx,
         "non_zero_idx": nz_idx or None,
         "subgroups": assign_subgroups(test, train),
+        "target_idx": target_idx,
+        "pert_mean": _perturbation_mean(adata.X, cond, train),
     }
+
+
+def _perturbation_mean(X: Any, cond: np.ndarray, train: Sequence[str]) -> np.ndarray | None:
+    """Mean over training perturbations of their mean profile (Systema's reference)."""
+    if not train:
+        return None
+    means = [np.asarray(X[cond == c].mean(axis=0), dtype=np.float64).ravel() for c in train]
+    return np.mean(means, axis=0)

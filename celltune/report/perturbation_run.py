@@ -25,6 +25,12 @@ TABLE_METRICS = (
     "mse_de",
     "pearson_delta_top20_de_non_dropout",
     "frac_correct_direction_top20_de_non_dropout",
+    # metrics a mean predictor cannot game (celltune.eval.perturbation_discrimination)
+    "discrimination_l1",
+    "de_overlap_at_20",
+    "de_direction_agreement",
+    "mae",
+    "pearson_delta_pert_mean",
 )
 MODEL_NAME = "celltune"
 
@@ -101,6 +107,7 @@ def evaluate_perturbation_run(
         summary_table,
     )
     from celltune.eval.perturbation_baselines import BASELINES, PerturbationBaselines
+    from celltune.eval.perturbation_ceiling import CEILING_NAME, noise_ceiling
     from celltune.files import atomic_path, write_json_atomic
     from celltune.report import perturbation_plots as pplots
     from celltune.report.html import Section, write_report
@@ -185,8 +192,23 @@ def evaluate_perturbation_run(
                 sub["non_dropout_idx"],
                 None if nz is None else {c: v for c, v in nz.items() if c in conds},
                 {g: m for g, m in groups.items() if m},
+                pert_mean=inputs["pert_mean"],
+                target_idx=inputs["target_idx"],
             )
             res[name] = (per, summary)
+        ceiling = noise_ceiling(
+            sub["true_cells"],
+            inputs["ctrl_mean"],
+            sub["de_idx"],
+            non_dropout_idx=sub["non_dropout_idx"],
+            non_zero_idx=None if nz is None else {c: v for c, v in nz.items() if c in conds},
+            subgroups={g: m for g, m in groups.items() if m},
+            pert_mean=inputs["pert_mean"],
+            target_idx=inputs["target_idx"],
+            seed=run.config.train.seed,
+        )
+        if ceiling is not None:
+            res[CEILING_NAME] = ceiling
         return res
 
     scopes: dict[str, dict[str, Any]] = {}
@@ -311,6 +333,12 @@ def evaluate_perturbation_run(
         "flagged, clipped at 0. Train time "
         f"{run.info.get('fit_seconds')} s, best epoch {run.info.get('best_epoch')} by "
         f"validation pearson_delta ({run.info.get('validation')}).",
+        "noise_ceiling: the mean of a random half of each test perturbation's real cells "
+        "scored against the other half (perturbations with one cell have none): roughly the "
+        "best any method can reach here. discrimination_l1 (1 = the true perturbation is "
+        "the nearest by L1, 0.5 = chance), de_overlap_at_20, de_direction_agreement, mae and "
+        "pearson_delta_pert_mean (deltas vs the mean of the training perturbations, "
+        "Systema) use the real control cells; Train Mean cannot score well on them.",
         "pearson_delta = r(P − C, T − C) and its DE variant are the informative metrics; "
         "pearson_delta_centered = r(P − P̄, T − T̄) is 0 for a method that predicts one "
         "change for every perturbation (Train Mean).",

@@ -692,6 +692,11 @@ def train_perturbation_model(
                 if len(idx) < 2:
                     continue
                 val_cells[c] = np.sort(rng.choice(idx, max(1, len(idx) // 10), replace=False))
+    if not val_cells:  # no measured perturbed gene anywhere (Norman subset): token flags
+        for c in pdata.perturbations("val"):
+            if pdata.placeable(c):
+                val_cells[c] = np.flatnonzero((pdata.conditions == c) & (pdata.split == "val"))
+        validation = "val split, perturbations of unmeasured genes only (token flags)"
     held_out = np.concatenate(list(val_cells.values())) if val_cells else None
     cap = cfg.data.max_cells_per_condition
     train_rows, train_cols, _ = _pick_rows(
