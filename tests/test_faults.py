@@ -324,3 +324,37 @@ def test_resume_on_other_input_is_refused(kang_stim_path: Path, tmp_path: Path) 
     with pytest.raises(InputError, match=r"input differs .*obs_names"):
         run(b, 2, True)
     assert len(run(a, 2, True)) == 2  # the original input still resumes
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("nheads", None),
+        ("nheads", 0),
+        ("nheads", "four"),
+        ("dropout", "high"),
+        ("d_hid", 10**12),
+        ("embsize", True),
+    ],
+)
+def test_bad_args_values_are_one_error(fixtures_dir, tmp_path, key, value) -> None:
+    """Defect 9: model inspect with nheads null/0/"four" or dropout "high" gave tracebacks."""
+    d = _fixture_copy(fixtures_dir, tmp_path / "m")
+    args = json.loads((d / "args.json").read_text())
+    args[key] = value
+    (d / "args.json").write_text(json.dumps(args))
+    with pytest.raises(CheckpointError, match=rf"args.json {key}="):
+        load_model(d)
+
+
+def test_cli_inspect_partial_and_bad_args(fixtures_dir, tmp_path) -> None:
+    """Defects 2 and 9 at the CLI: exit 2 with one line; --allow-partial prints the report."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    d = _fixture_copy(fixtures_dir, tmp_path / "m")
+    torch.save({}, d / "best_model.pt")
+    cmd = [sys.executable, "-m", "celltune", "model", "inspect", str(d)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and "Error:" in r.stderr + r.stdout
+    assert "--allow-partial" in r.stderr + r.stdout and "Traceback" not in r.stderr
+    r = subprocess.run([*cmd, "--allow-partial"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and "loaded 0 tensors" in r.stdout
