@@ -358,3 +358,87 @@ def test_cli_inspect_partial_and_bad_args(fixtures_dir, tmp_path) -> None:
     assert "--allow-partial" in r.stderr + r.stdout and "Traceback" not in r.stderr
     r = subprocess.run([*cmd, "--allow-partial"], capture_output=True, text=True, env=env)
     assert r.returncode == 0 and "loaded 0 tensors" in r.stdout
+
+
+# -- 5 / 6 / 8 / 9. one input-validation layer at the commands -------------------------------
+@pytest.fixture(scope="module")
+def pert_raw(papalexi_path, tmp_path_factory) -> Path:
+    import anndata as ad
+    import numpy as np
+
+    full = ad.read_h5ad(papalexi_path)
+    keep = np.sort(np.random.default_rng(0).choice(full.n_obs, 1500, replace=False))
+    path = tmp_path_factory.mktemp("pert") / "raw.h5ad"
+    full[keep].copy().write_h5ad(path)
+    return path
+
+
+def _invoke(args: list[str]):
+    from typer.testing import CliRunner
+
+    from celltune.cli.main import app
+
+    return CliRunner().invoke(app, args)
+
+
+@pytest.mark.parametrize("not_raw", [False, True])
+def test_perturb_prepare_refuses_nan(pert_raw, tmp_path, not_raw) -> None:
+    """Defect 5: NaN/inf passed perturb prepare (also with --not-raw)."""
+    import anndata as ad
+
+    a = ad.read_h5ad(pert_raw)
+    a.X = a.X.toarray()
+    a.X[0, 0], a.X[1, 1] = float("nan"), float("inf")
+    bad = tmp_path / "bad.h5ad"
+    a.write_h5ad(bad)
+    out = tmp_path / "data.h5ad"
+    res = _invoke(["perturb", "prepare", str(bad), "--out", str(out)] + ["--not-raw"] * not_raw)
+    assert res.exit_code == 2, res.output
+    assert "1 NaN and 1 infinite" in res.output
+    assert not out.exists()
+
+
+def test_out_equal_to_input_is_refused(pert_raw, kang_stim_path, tmp_path) -> None:
+    """Defect 6: --out equal to the input replaced the input file."""
+    src = tmp_path / "in.h5ad"
+    shutil.copy(kang_stim_path, src)
+    before = files.sha256_file(src)
+    for args in (
+        ["preprocess", str(src), "--out", str(src)],
+        ["embed", str(src), "--model", str(tmp_path), "--out", str(src)],
+        ["perturb", "prepare", str(src), "--out", str(tmp_path / "." / "in.h5ad")],
+    ):
+        res = _invoke(args)
+        # the root app raises InputError; celltune.cli.main.main prints it and exits 2
+        message = res.output if res.exit_code == 2 else str(res.exception)
+        assert res.exit_code == 2 or isinstance(res.exception, InputError), (args, res.output)
+        assert "is the input file" in message
+    assert files.sha256_file(src) == before
+
+
+def test_one_cell_condition_is_one_message(pert_raw, tmp_path) -> None:
+    """Defect 9: perturb prepare with a one-cell condition gave a traceback."""
+    import anndata as ad
+
+    a = ad.read_h5ad(pert_raw)
+    a.obs["condition"] = a.obs["condition"].astype(str)
+    a.obs.iloc[0, a.obs.columns.get_loc("condition")] = "ONLYONE+ctrl"
+    bad = tmp_path / "one.h5ad"
+    a.write_h5ad(bad)
+    res = _invoke(["perturb", "prepare", str(bad), "--out", str(tmp_path / "o.h5ad")])
+    assert res.exit_code == 2 and "ONLYONE+ctrl (1)" in res.output
+    assert not (tmp_path / "o.h5ad").exists()
+
+
+def test_duplicate_var_names_refused(pert_raw, tmp_path) -> None:
+    """Defect 8: duplicate var_names were merged onto one token silently."""
+    import anndata as ad
+
+    a = ad.read_h5ad(pert_raw)
+    names = a.var_names.tolist()
+    names[1] = names[0]
+    a.var_names = names
+    bad = tmp_path / "dup.h5ad"
+    a.write_h5ad(bad)
+    res = _invoke(["perturb", "prepare", str(bad), "--out", str(tmp_path / "o.h5ad")])
+    assert res.exit_code == 2 and "duplicate var_names" in res.output

@@ -56,7 +56,15 @@ def prepare(
     from celltune.errors import CelltuneError
 
     try:
+        from celltune.data import validate
+
+        validate.check_out_not_input(out, [raw])
         adata = read_h5ad(raw)
+        validate.validate_input(adata, where=str(raw))
+        if condition_key in adata.obs:
+            validate.check_group_sizes(
+                adata.obs[condition_key], 2, "conditions", "drop them or add cells"
+            )
         prepared = gears.prepare_perturbation_data(
             adata,
             condition_key=condition_key,
