@@ -442,3 +442,21 @@ def test_duplicate_var_names_refused(pert_raw, tmp_path) -> None:
     a.write_h5ad(bad)
     res = _invoke(["perturb", "prepare", str(bad), "--out", str(tmp_path / "o.h5ad")])
     assert res.exit_code == 2 and "duplicate var_names" in res.output
+
+
+def test_evaluate_n_ctrl_zero_is_refused_like_predict(tmp_path) -> None:
+    """Defect 10: evaluate --n-ctrl 0 silently meant the default while predict rejects 0."""
+    res = _invoke(["perturb", "evaluate", str(tmp_path), "--n-ctrl", "0"])
+    assert isinstance(res.exception, InputError)
+    assert "--n-ctrl must be >= 1, got 0" in str(res.exception)
+
+
+def test_integrate_out_that_is_a_file_is_refused(tmp_path) -> None:
+    """Defect 9: integrate --out pointing at an existing file gave a traceback."""
+    from celltune.tasks.integration import open_run_dir, resolve_config
+
+    f = tmp_path / "taken.txt"
+    f.write_text("keep")
+    with pytest.raises(InputError, match="is an existing file"):
+        open_run_dir(resolve_config({"data": {"batch_key": "batch"}}), f, False)
+    assert f.read_text() == "keep"
