@@ -318,3 +318,24 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_free_space(path: str | os.PathLike[str], needed: int) -> None:
+    """Refuse a write of about ``needed`` bytes that cannot fit, before it starts.
+
+    Some writers (HDF5) crash the process instead of raising when the disk fills up, so
+    the space is checked first; the message names the path and the space needed.
+    """
+    import shutil
+
+    from celltune.errors import CelltuneError
+
+    probe = Path(path).parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if needed > free:
+        raise CelltuneError(
+            f"not enough space to write {path}: about {needed / 1e6:.1f} MB needed, "
+            f"{free / 1e6:.1f} MB free there; free some space or choose an --out on a larger disk"
+        )

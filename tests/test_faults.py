@@ -460,3 +460,19 @@ def test_integrate_out_that_is_a_file_is_refused(tmp_path) -> None:
     with pytest.raises(InputError, match="is an existing file"):
         open_run_dir(resolve_config({"data": {"batch_key": "batch"}}), f, False)
     assert f.read_text() == "keep"
+
+
+def test_write_h5ad_on_full_disk_is_one_message(kang_stim_path, tmp_path) -> None:
+    """Defect 7: preprocess/embed segfaulted inside h5py on a full disk, leaving temp files."""
+    import anndata as ad
+
+    from celltune.data.io import write_h5ad
+
+    mnt = _tiny_fs(tmp_path)
+    try:
+        a = ad.read_h5ad(kang_stim_path)
+        with pytest.raises(CelltuneError, match=r"not enough space to write .*MB needed"):
+            write_h5ad(a, mnt / "out.h5ad")
+        assert list(mnt.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
