@@ -732,8 +732,10 @@ def open_run_dir(
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is an existing file; give a directory path for the run")
     from celltune.files import claim_run_dir
+    from celltune.train import distributed as dist_utils
 
-    claim_run_dir(out)  # one owner per run directory; removes temp files of a killed run
+    if dist_utils.is_main_process():  # rank 0 owns (and alone writes) the run directory
+        claim_run_dir(out)  # one owner per run directory; removes temp files of a killed run
     _check_resume(cfg, out, resume)
     return out, None
 
