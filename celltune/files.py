@@ -28,10 +28,16 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         os.umask(umask)
         if tmp_path.exists():
             os.chmod(tmp_path, 0o666 & ~umask)
+            _fsync_tree(tmp_path)  # the data is on disk before the name points at it
         os.replace(tmp_path, target)
-    except BaseException:
+        _fsync_dir(target.parent)
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
+        if isinstance(err, OSError) and not isinstance(err, FileNotFoundError):
+            from celltune.errors import CelltuneError
+
+            raise CelltuneError(os_error_message(err, target)) from err
         raise
 
 
@@ -63,3 +69,273 @@ def write_json_atomic(path: str | os.PathLike[str], obj: object, indent: int = 2
         return o
 
     write_text_atomic(path, json.dumps(clean(obj), indent=indent) + "\n")
+
+
+# ----------------------------------------------------------------------------- run dirs
+LOCK_NAME = ".celltune.lock"
+MANIFEST_NAME = "manifest.json"
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename inside ``directory`` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    """fsync a file, or every file of a directory tree, before it is renamed into place."""
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    for p in files:
+        with open(p, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
+def os_error_message(err: OSError, path: str | os.PathLike[str]) -> str:
+    """One line for an OS error while writing ``path``: which path, and for ENOSPC how much."""
+    import errno
+    import shutil
+
+    where = Path(path)
+    if err.errno == errno.ENOSPC:
+        probe = where if where.is_dir() else where.parent
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        free = shutil.disk_usage(probe).free
+        return (
+            f"no space left on the device while writing {where} ({free / 1e6:.1f} MB free "
+            "there); free some space or choose an --out on a larger disk"
+        )
+    return f"cannot write {where}: {err.strerror or err}; check the path and its permissions"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+class RunLock:
+    """Ownership of a run directory: ``.celltune.lock`` holds the owner's pid and host.
+
+    A second process that tries to write into the same directory is refused; a lock whose
+    owner process is gone (same host, pid no longer running) is stale and taken over. The
+    owning process may acquire it again (re-entrant), so the Python API can run twice into
+    one directory from one session.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory)
+        self.path = self.directory / LOCK_NAME
+        self.held = False
+
+    def _owner(self) -> dict[str, object] | None:
+        import json
+
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def acquire(self) -> RunLock:
+        """Take the lock or raise :class:`InputError` naming the owner and the fix."""
+        import json
+        import socket
+
+        from celltune.errors import InputError
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname()}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self._owner()
+                if owner is None:  # half-written by a process killed while locking
+                    self.path.unlink(missing_ok=True)
+                    continue
+                pid, host = owner.get("pid"), owner.get("host")
+                if pid == me["pid"] and host == me["host"]:
+                    self.held = True
+                    return self
+                if host == me["host"] and isinstance(pid, int) and not _pid_alive(pid):
+                    self.path.unlink(missing_ok=True)  # stale: its owner is gone
+                    continue
+                raise InputError(
+                    f"{self.directory} is in use by another celltune run (pid {pid} on host "
+                    f"{host}, lock file {self.path}): wait for it to finish or choose another "
+                    "--out; delete the lock file only if that process is gone"
+                ) from None
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(json.dumps(me))
+                fh.flush()
+                os.fsync(fh.fileno())
+            self.held = True
+            return self
+        raise InputError(f"cannot lock {self.directory}; remove {self.path} and retry")
+
+    def release(self) -> None:
+        """Remove the lock if this process owns it."""
+        owner = self._owner()
+        if self.held and owner and owner.get("pid") == os.getpid():
+            self.path.unlink(missing_ok=True)
+        self.held = False
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def claim_run_dir(directory: str | os.PathLike[str]) -> RunLock:
+    """Lock ``directory`` for this process until it exits, and clean orphan temp files.
+
+    For workflows that return before their outputs are final (the lock must outlive the
+    call that opened the directory): released by ``atexit``.
+    """
+    import atexit
+
+    lock = RunLock(directory).acquire()
+    atexit.register(lock.release)
+    clean_orphan_temps(directory)
+    return lock
+
+
+def clean_orphan_temps(directory: str | os.PathLike[str]) -> list[Path]:
+    """Remove ``.<name>.*.tmp`` files/dirs left by a killed run (call under the run lock)."""
+    import shutil
+
+    removed: list[Path] = []
+    root = Path(directory)
+    if not root.is_dir():
+        return removed
+    for p in root.rglob(".*.tmp"):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    if removed:
+        import logging
+
+        logging.getLogger(__name__).info(
+            "removed %d temp file(s) left by an interrupted run", len(removed)
+        )
+    return removed
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """SHA-256 hex digest of a file, read in 1 MiB blocks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(directory: str | os.PathLike[str]) -> Path:
+    """Write ``manifest.json`` (every file: size, SHA-256) last: its presence = complete run."""
+    root = Path(directory)
+    entries = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if not p.is_file() or p.name in (MANIFEST_NAME, LOCK_NAME) or p.name.startswith("."):
+            continue
+        entries[rel] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
+    write_json_atomic(root / MANIFEST_NAME, {"format": "celltune-manifest/1", "files": entries})
+    return root / MANIFEST_NAME
+
+
+def verify_manifest(directory: str | os.PathLike[str], names: list[str] | None = None) -> None:
+    """Raise :class:`CheckpointError` when a file differs from ``manifest.json`` (if any)."""
+    import json
+
+    from celltune.errors import CheckpointError
+
+    root = Path(directory)
+    path = root / MANIFEST_NAME
+    if not path.is_file():
+        return
+    try:
+        files = json.loads(path.read_text(encoding="utf-8"))["files"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{path} is not a celltune manifest ({err}); delete it") from err
+    for rel, entry in files.items():
+        if names is not None and rel not in names:
+            continue
+        p = root / rel
+        if not p.is_file() or p.stat().st_size != entry.get("size"):
+            raise CheckpointError(
+                f"{p} is missing or truncated (manifest says {entry.get('size')} bytes): the "
+                "directory was not written completely; re-create it"
+            )
+        if sha256_file(p) != entry.get("sha256"):
+            raise CheckpointError(
+                f"{p} is corrupted (its SHA-256 differs from {path}); restore or re-create it"
+            )
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary directory beside ``path``; swap it in as one unit on success.
+
+    Readers see the old directory or the new one, never a mix: the old one is moved
+    aside, the new one renamed into place, then the old one removed.
+    """
+    import shutil
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        old = None
+        if target.exists():
+            old = Path(
+                tempfile.mkdtemp(prefix=f".{target.name}.old.", suffix=".tmp", dir=target.parent)
+            )
+            os.replace(target, old / "d")
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def check_free_space(path: str | os.PathLike[str], needed: int) -> None:
+    """Refuse a write of about ``needed`` bytes that cannot fit, before it starts.
+
+    Some writers (HDF5) crash the process instead of raising when the disk fills up, so
+    the space is checked first; the message names the path and the space needed.
+    """
+    import shutil
+
+    from celltune.errors import CelltuneError
+
+    probe = Path(path).parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if needed > free:
+        raise CelltuneError(
+            f"not enough space to write {path}: about {needed / 1e6:.1f} MB needed, "
+            f"{free / 1e6:.1f} MB free there; free some space or choose an --out on a larger disk"
+        )

@@ -56,6 +56,7 @@ def test_save_load_round_trip(fixtures_dir: Path, tmp_path: Path) -> None:
         "vocab.json",
         "best_model.pt",
         "model.safetensors",
+        "manifest.json",
     }
     args = json.loads((out_dir / "args.json").read_text())
     for key in (

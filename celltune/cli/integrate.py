@@ -243,6 +243,9 @@ def embed_cmd(
         raise InputError(f"--out must end in .h5ad (got {out}); e.g. --out {out.stem}.h5ad")
     if device not in ("auto", "cpu", "cuda"):
         raise InputError(f"--device must be auto, cpu or cuda (got {device!r})")
+    from celltune.data.validate import check_out_not_input
+
+    check_out_not_input(out, [data])
     if stream:
         from celltune.tasks.integration_stream import embed_file
 

@@ -16,6 +16,9 @@ model_app = typer.Typer(
 @model_app.command("inspect")
 def inspect(
     model_dir: Path = typer.Argument(..., help="Model directory (args.json, vocab.json, weights)."),
+    allow_partial: bool = typer.Option(
+        False, "--allow-partial", help="Load weights that cover < 90% of the model (reported)."
+    ),
 ) -> None:
     """Print a model directory's architecture, parameter count and heads.
 
@@ -25,7 +28,7 @@ def inspect(
 
     from celltune.model.checkpoint import load_model
 
-    model = load_model(model_dir)
+    model = load_model(model_dir, allow_partial=allow_partial)
     c = model.config
     report = model.load_report
     kind = "TransformerGenerator (perturbation)" if c.generator else "TransformerModel"

@@ -56,7 +56,15 @@ def prepare(
     from celltune.errors import CelltuneError
 
     try:
+        from celltune.data import validate
+
+        validate.check_out_not_input(out, [raw])
         adata = read_h5ad(raw)
+        validate.validate_input(adata, where=str(raw))
+        if condition_key in adata.obs:
+            validate.check_group_sizes(
+                adata.obs[condition_key], 2, "conditions", "drop them or add cells"
+            )
         prepared = gears.prepare_perturbation_data(
             adata,
             condition_key=condition_key,
@@ -252,8 +260,11 @@ def evaluate_cmd(
     gene embeddings). Writes DIR/metrics.json, metrics_summary.csv,
     metrics_per_perturbation.csv, perturbation_*.png and report.html.
     """
+    from celltune.errors import InputError
     from celltune.report.perturbation_run import evaluate_perturbation_run
 
+    if n_ctrl is not None and n_ctrl < 1:  # as predict: 0 must not mean "the default"
+        raise InputError(f"--n-ctrl must be >= 1, got {n_ctrl}")
     _setup_logging()
     metrics = evaluate_perturbation_run(
         run_dir, data=data, n_ctrl=n_ctrl, n_plots=n_plots, device=device, quiet=quiet

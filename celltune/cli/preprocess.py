@@ -110,6 +110,9 @@ def preprocess_cmd(
     if out.suffix != ".h5ad":
         raise InputError(f"--out must end in .h5ad (got {out}); e.g. --out {out.stem}.h5ad")
 
+    from celltune.data.validate import check_out_not_input
+
+    check_out_not_input(out, [input])
     adata = read_h5ad(input)
     result = preprocess(adata, cfg, quiet=quiet)
     write_h5ad(result, out)

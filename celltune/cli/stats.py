@@ -31,7 +31,10 @@ def stats(
     from celltune.errors import CelltuneError
 
     try:
+        from celltune.data.validate import validate_input
+
         adata = read_h5ad(data)
+        validate_input(adata, where=str(data))
         result = compute_perturbation_stats(
             adata,
             condition_key=condition_key,

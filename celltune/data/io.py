@@ -67,9 +67,28 @@ def write_h5ad(
     adata: AnnData, path: str | os.PathLike[str], compression: str | None = None
 ) -> None:
     """Write ``adata`` atomically: readers never see a half-written file."""
+    from celltune.files import check_free_space
+
+    check_free_space(path, estimated_h5ad_bytes(adata))  # h5py segfaults on a full disk
     with atomic_path(path) as tmp:
         adata.write_h5ad(tmp, compression=compression)
     logger.info("wrote %s", path)
+
+
+def estimated_h5ad_bytes(adata: AnnData) -> int:
+    """Rough uncompressed size of ``adata`` on disk (matrices + 1 MB for metadata)."""
+
+    def size(m: Any) -> int:
+        if m is None:
+            return 0
+        if hasattr(m, "nnz") and hasattr(m, "data"):
+            return int(m.data.nbytes + m.indices.nbytes + m.indptr.nbytes)
+        return int(getattr(m, "nbytes", 0))
+
+    total = size(adata.X) if not adata.isbacked else 0
+    for store in (adata.layers, adata.obsm, adata.varm, adata.obsp):
+        total += sum(size(v) for v in store.values())
+    return total + (1 << 20)
 
 
 def get_matrix(adata: AnnData, layer: str | None = None) -> Any:

@@ -14,6 +14,7 @@ import json
 import logging
 import pickle
 import re
+import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import torch
 from torch import Tensor
 
 from celltune.errors import CheckpointError, InputError
-from celltune.files import atomic_path, write_json_atomic
+from celltune.files import atomic_dir, verify_manifest, write_json_atomic, write_manifest
 from celltune.model.config import ModelConfig
 from celltune.model.model import CellTransformer
 
@@ -83,7 +84,18 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     else:
         try:
             raw = torch.load(path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, AttributeError, EOFError) as err:
+        except (
+            pickle.UnpicklingError,
+            RuntimeError,
+            AttributeError,
+            EOFError,
+            ValueError,
+            TypeError,
+            KeyError,
+            IndexError,
+            OSError,
+            UnicodeDecodeError,
+        ) as err:
             raise CheckpointError(
                 f"{path} cannot be read as plain tensors (it needs pickled code or is not a "
                 "PyTorch file), and celltune never unpickles code. Re-save it from a trusted "
@@ -104,7 +116,40 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
             f"{path} does not hold a state_dict (a mapping of names to tensors); save "
             "model.state_dict(), not the model object"
         )
-    return normalize_keys(raw)
+    return check_tensors(normalize_keys(raw), path)
+
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+# A full load must set at least this fraction of the model's parameters (by element count);
+# below it the model would be mostly random initialisation.
+MIN_COVERAGE = 0.9
+
+
+def check_tensors(state_dict: dict[str, Tensor], path: Path) -> dict[str, Tensor]:
+    """Refuse non-float and non-finite weights; half precision is cast to float32 (noted)."""
+    half = []
+    for key, value in state_dict.items():
+        if key.endswith("num_batches_tracked"):  # BatchNorm's step counter is an integer
+            continue
+        if value.dtype not in FLOAT_DTYPES:
+            raise CheckpointError(
+                f"{path}: tensor {key!r} has dtype {value.dtype}, not a float type; model "
+                "weights are float32/float16/bfloat16: re-save the model's state_dict()"
+            )
+        if value.dtype in (torch.float16, torch.bfloat16):
+            half.append(key)
+        if not bool(torch.isfinite(value).all()):
+            raise CheckpointError(
+                f"{path}: tensor {key!r} holds NaN or inf values; the model diverged or the "
+                "file is damaged: use an earlier checkpoint"
+            )
+    if half:
+        logger.warning("%s: %d half-precision tensors cast to float32", path, len(half))
+        state_dict = {
+            k: v.float() if v.dtype in (torch.float16, torch.bfloat16) else v
+            for k, v in state_dict.items()
+        }
+    return state_dict
 
 
 def load_weights(
@@ -174,13 +219,17 @@ def load_model(
     *,
     device: str | torch.device = "cpu",
     prefixes: Iterable[str] | None = None,
+    allow_partial: bool = False,
     **overrides: Any,
 ) -> CellTransformer:
     """Build a ready model (eval mode) from a model directory.
 
     The architecture comes from ``args.json``, completed from the weight names and
-    shapes; ``overrides`` set celltune-only options (e.g. ``dsbn_mode="first"``,
-    ``attn_dropout=0.2``). The result carries ``.vocab`` and ``.load_report``.
+    shapes (and checked against every tensor before the model is built). Weights that set
+    less than ``MIN_COVERAGE`` of the parameters are refused unless ``allow_partial`` (or
+    ``prefixes``, a deliberate partial load); ``overrides`` set celltune-only options
+    (e.g. ``dsbn_mode="first"``, ``attn_dropout=0.2``). The result carries ``.vocab``
+    and ``.load_report``.
     """
     root = Path(path)
     if not root.is_dir():
@@ -194,11 +243,14 @@ def load_model(
             raise CheckpointError(f"{root} has no {needed.name}; a model directory needs it")
     try:
         args = json.loads(args_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{args_path} is not valid JSON: {err}") from err
+    if not isinstance(args, dict):
+        raise CheckpointError(f"{args_path} must be a JSON object of model settings")
     weight_path = next((root / f for f in WEIGHT_FILES if (root / f).is_file()), None)
     if weight_path is None:
         raise CheckpointError(f"{root} holds no weights ({' or '.join(WEIGHT_FILES)})")
+    verify_manifest(root, [weight_path.name, "args.json", "vocab.json"])
     state_dict = read_state_dict(weight_path)
     vocab = _read_vocab(vocab_path)
     mapping = _token_to_id(vocab)
@@ -214,15 +266,64 @@ def load_model(
     config = ModelConfig.from_args(args, state_dict, vocab=mapping)
     if overrides:
         config = dataclasses.replace(config, **overrides)
+    check_shapes(config, state_dict, root)
     model = CellTransformer(config, vocab=vocab)
     report = load_weights(model, state_dict, prefixes=prefixes)
     if not prefixes and (report.skipped_shape or report.unexpected):
         logger.warning("checkpoint %s did not fully match its own args: %s", root, report.summary())
+    _check_coverage(model, report, root, partial=allow_partial or bool(prefixes))
     model.load_report = report
     logger.info(
         "loaded %s (%s parameters) from %s", type(model).__name__, model.num_parameters(), root
     )
     return model.to(device).eval()
+
+
+def check_shapes(config: ModelConfig, state_dict: Mapping[str, Tensor], root: Path) -> None:
+    """Compare ``args.json`` sizes with the trunk tensors *before* allocating the model."""
+    d, h = config.d_model, config.d_hid
+    for i in range(config.nlayers):
+        pre = f"transformer_encoder.layers.{i}."
+        expect = {
+            pre + "linear1.weight": (h, d),
+            pre + "linear2.weight": (d, h),
+            pre + "self_attn.in_proj_weight": (3 * d, d),
+        }
+        for key, shape in expect.items():
+            if key in state_dict and tuple(state_dict[key].shape) != shape:
+                raise CheckpointError(
+                    f"{root}/args.json (embsize={d}, d_hid={h}) does not match the weights: "
+                    f"{key} has shape {tuple(state_dict[key].shape)}, expected {shape}; fix "
+                    "args.json to the sizes the model was trained with"
+                )
+    n_params = config.ntoken * d + config.nlayers * (4 * d * d + 2 * d * h)
+    if not state_dict and n_params > 5e8:
+        raise CheckpointError(
+            f"{root}/args.json describes a model of about {n_params / 1e6:.0f} M parameters "
+            "and there are no weights to check it against; fix args.json"
+        )
+
+
+def _check_coverage(model: torch.nn.Module, report: LoadReport, root: Path, partial: bool) -> None:
+    """Refuse a directory whose weights leave most of the model at random initialisation."""
+    own = model.state_dict()
+    total = sum(v.numel() for v in own.values()) or 1
+    loaded = sum(own[k].numel() for k in report.loaded)
+    fraction = loaded / total
+    if fraction < MIN_COVERAGE and not partial:
+        raise CheckpointError(
+            f"the weights in {root} set only {fraction:.0%} of the model's parameters "
+            f"(at least {MIN_COVERAGE:.0%} needed; {report.summary()}): the rest would be "
+            "random. Use the model's own weights, or pass --allow-partial / "
+            "allow_partial=True to load what matches"
+        )
+    if fraction < 1.0:
+        logger.warning(
+            "partial load from %s (%.0f%% of parameters): %s",
+            root,
+            100 * fraction,
+            report.summary(),
+        )
 
 
 def save_model(model: CellTransformer, path: str | Path, vocab: Any = None) -> Path:
@@ -245,13 +346,21 @@ def save_model(model: CellTransformer, path: str | Path, vocab: Any = None) -> P
             "save with the vocabulary the model was built from"
         )
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    write_json_atomic(root / "args.json", model.config.to_args())
-    write_json_atomic(root / "vocab.json", dict(sorted(mapping.items(), key=lambda kv: kv[1])))
-    with atomic_path(root / "best_model.pt") as tmp:
-        torch.save(state, tmp)
     from safetensors.torch import save_file
 
-    with atomic_path(root / "model.safetensors") as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt", "producer": "celltune"})
+    keep = {p.name: p for p in root.iterdir() if p.is_file()} if root.is_dir() else {}
+    # The whole directory is built aside and swapped in as one unit: a kill leaves the old
+    # directory or the new one, never best_model.pt and model.safetensors that disagree.
+    with atomic_dir(root) as tmp:
+        for name, p in keep.items():  # files other writers put there (celltune_task.json)
+            if name not in ("args.json", "vocab.json", "manifest.json", *WEIGHT_FILES):
+                shutil.copy2(p, tmp / name)
+        write_json_atomic(tmp / "args.json", model.config.to_args())
+        write_json_atomic(tmp / "vocab.json", dict(sorted(mapping.items(), key=lambda kv: kv[1])))
+        torch.save(state, tmp / "best_model.pt")
+        save_file(
+            state, str(tmp / "model.safetensors"), metadata={"format": "pt", "producer": "celltune"}
+        )
+        write_manifest(tmp)
     logger.info("saved model to %s", root)
     return root

@@ -178,6 +178,7 @@ class ModelConfig:
                     f"args.json lacks the key {key!r} (one of {list(REQUIRED_ARGS)}); add it "
                     "with the value the model was trained with"
                 )
+        _check_arg_types(args)
         sd = dict(state_dict or {})
         keys = set(sd)
         kw: dict[str, Any] = {
@@ -255,6 +256,33 @@ class ModelConfig:
             return cls(**kw)
         except InputError as err:
             raise CheckpointError(f"inconsistent model directory: {err}") from err
+
+
+# Upper bounds far above any published model; larger values are typos that would allocate
+# terabytes before any tensor shape could contradict them.
+_ARG_LIMITS = {"embsize": 65536, "nheads": 1024, "d_hid": 262144, "nlayers": 512}
+
+
+def _check_arg_types(args: Mapping[str, Any]) -> None:
+    """Sizes must be positive integers in range, dropout a number in [0, 1)."""
+    for key, top in _ARG_LIMITS.items():
+        value = args.get(key)
+        if key not in args and key not in REQUIRED_ARGS:
+            continue
+        ok = isinstance(value, int) and not isinstance(value, bool) and 0 < value <= top
+        if isinstance(value, float) and value.is_integer():
+            ok = 0 < value <= top
+        if not ok:
+            raise CheckpointError(
+                f"args.json {key}={value!r} is not an integer in [1, {top}]; set it to the "
+                "value the model was trained with"
+            )
+    if "dropout" in args:
+        value = args["dropout"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise CheckpointError(
+                f"args.json dropout={value!r} is not a number in [0, 1); e.g. 0.2"
+            )
 
 
 def _infer_from_weights(sd: Mapping[str, Any], keys: set[str], d_model: int) -> dict[str, Any]:

@@ -251,6 +251,9 @@ def run_integrate(
     keep += [c for c in hist.columns if c.endswith(("/loss", "/dab", "/ecs")) and c not in keep]
     sections.append(Section("Training history", tables=[pd.DataFrame(hist[keep])]))
     write_report(out / "report.html", "celltune integrate", sections, meta=str(out))
+    from celltune.files import write_manifest
+
+    write_manifest(out)  # last: a manifest.json means the run directory is complete
     result.files["report"] = out / "report.html"
     logger.info("wrote %s (%.0f s in all)", out / "report.html", wall)
     return result

@@ -565,6 +565,7 @@ def train_integration_model(
     val_loader: Iterable[Any],
     out: Path,
     resume: bool,
+    fingerprint: Mapping[str, Any] | None = None,
 ) -> tuple[Any, Any, nn.Module, float]:
     """Build the model and fit it with the SPEC §4 objective; returns the trainer, its
     history, the best model and the training seconds (the same for in-memory and
@@ -603,7 +604,9 @@ def train_integration_model(
                 sums[k] = sums.get(k, 0.0) + float(v) * n
         return {f"val/{k}": v / max(n_total, 1) for k, v in sums.items()}
 
-    trainer = Trainer(model, cfg.train, step_fn=step_fn, eval_fn=eval_fn, out_dir=out)
+    trainer = Trainer(
+        model, cfg.train, step_fn=step_fn, eval_fn=eval_fn, out_dir=out, fingerprint=fingerprint
+    )
     t_train = time.perf_counter()
     history = trainer.fit(train_loader, resume=resume)
     train_seconds = time.perf_counter() - t_train
@@ -726,7 +729,13 @@ def open_run_dir(
         tmp_dir = tempfile.TemporaryDirectory(prefix="celltune-integrate-")
         return Path(tmp_dir.name), tmp_dir
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is an existing file; give a directory path for the run")
+    from celltune.files import claim_run_dir
+    from celltune.train import distributed as dist_utils
+
+    if dist_utils.is_main_process():  # rank 0 owns (and alone writes) the run directory
+        claim_run_dir(out)  # one owner per run directory; removes temp files of a killed run
     _check_resume(cfg, out, resume)
     return out, None
 
@@ -760,7 +769,7 @@ def integrate(
     from celltune.data.sampler import BatchAwareSampler
     from celltune.data.vocab import GeneVocab
     from celltune.train import distributed as dist_utils
-    from celltune.train import make_loader
+    from celltune.train import input_fingerprint, make_loader
 
     t_start = time.perf_counter()
     dist_utils.init_distributed()  # under torchrun: samplers below must see the group
@@ -834,7 +843,15 @@ def integrate(
 
     # 3. model, objective, training ----------------------------------------------------
     trainer, history, model, train_seconds = train_integration_model(
-        cfg, vocab, len(batch_cats), pretrained, train_loader, val_loader, out, resume
+        cfg,
+        vocab,
+        len(batch_cats),
+        pretrained,
+        train_loader,
+        val_loader,
+        out,
+        resume,
+        fingerprint=input_fingerprint(adata, vocab),
     )
 
     # 4. embed every cell, write outputs -----------------------------------------------

@@ -14,6 +14,7 @@ from celltune.train.loop import (
     NonFiniteLossError,
     StepContext,
     Trainer,
+    input_fingerprint,
     make_loader,
 )
 
@@ -26,5 +27,6 @@ __all__ = [
     "StepContext",
     "TrainConfig",
     "Trainer",
+    "input_fingerprint",
     "make_loader",
 ]

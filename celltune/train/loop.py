@@ -152,7 +152,11 @@ class Trainer:
         eval_fn: EvalFn | None = None,
         out_dir: str | Path,
         optimizer: torch.optim.Optimizer | None = None,
+        fingerprint: Mapping[str, Any] | None = None,
     ) -> None:
+        # What the run trains on (input shape, name hashes, vocabulary): stored in the
+        # checkpoint and compared on resume, so a resume on other data is refused.
+        self.fingerprint = dict(fingerprint or {})
         self.config = config
         self.step_fn = step_fn
         self.eval_fn = eval_fn
@@ -508,6 +512,7 @@ class Trainer:
             "config": self.config.to_dict(),
             "world_size": self.world_size,
             "rng": rng,
+            "fingerprint": self.fingerprint,
         }
         with atomic_path(self.checkpoint_path) as tmp:
             torch.save(state, tmp)
@@ -529,6 +534,7 @@ class Trainer:
                 f"the checkpoint selected models on {state['select_metric']!r} but this run "
                 f"selects on {self.select_metric!r}; use the same select_metric to resume"
             )
+        _check_fingerprint(state.get("fingerprint") or {}, self.fingerprint, path)
         changed = {
             k: (v, getattr(self.config, k, None))
             for k, v in state["config"].items()
@@ -567,6 +573,43 @@ class Trainer:
 
 
 # -- helpers (module-private) ------------------------------------------------------------
+def _check_fingerprint(saved: Mapping[str, Any], now: Mapping[str, Any], path: Path) -> None:
+    """Refuse a resume whose input or vocabulary differs from the checkpointed run's."""
+    differ = [k for k in sorted(set(saved) & set(now)) if saved[k] != now[k]]
+    if differ:
+        detail = "; ".join(f"{k}: {saved[k]} → {now[k]}" for k in differ)
+        raise InputError(
+            f"cannot resume from {path}: the input differs from the checkpointed run's "
+            f"({detail}); resume with the original input file, or start a new run in "
+            "another --out directory"
+        )
+
+
+def input_fingerprint(adata: Any, vocab: Any = None) -> dict[str, Any]:
+    """Shape, file, name hashes of an AnnData and a hash of the vocabulary, for resume checks."""
+    import hashlib
+    import os
+
+    def digest(names: Iterable[Any]) -> str:
+        h = hashlib.sha256()
+        for n in names:
+            h.update(str(n).encode("utf-8") + b"\0")
+        return h.hexdigest()[:16]
+
+    fp: dict[str, Any] = {
+        "shape": [int(adata.n_obs), int(adata.n_vars)],
+        "obs_names": digest(adata.obs_names),
+        "var_names": digest(adata.var_names),
+    }
+    filename = getattr(adata, "filename", None)
+    if filename:
+        fp["file"] = str(os.path.abspath(filename))
+        fp["file_size"] = os.path.getsize(filename)
+    if vocab is not None:
+        mapping = getattr(vocab, "token_to_id", vocab)
+        mapping = mapping() if callable(mapping) else mapping
+        fp["vocab"] = digest(f"{k}={v}" for k, v in sorted(dict(mapping).items()))
+    return fp
 
 
 def make_loader(
