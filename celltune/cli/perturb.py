@@ -61,10 +61,6 @@ def prepare(
         validate.check_out_not_input(out, [raw])
         adata = read_h5ad(raw)
         validate.validate_input(adata, where=str(raw))
-        if condition_key in adata.obs:
-            validate.check_group_sizes(
-                adata.obs[condition_key], 2, "conditions", "drop them or add cells"
-            )
         prepared = gears.prepare_perturbation_data(
             adata,
             condition_key=condition_key,
