@@ -9,6 +9,7 @@ packing) on read.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -238,6 +239,11 @@ def load_model(
             "vocab.json and best_model.pt or model.safetensors"
         )
     args_path, vocab_path = root / "args.json", root / "vocab.json"
+    if (root / "adapter_config.json").is_file() and not args_path.is_file():
+        raise CheckpointError(
+            f"{root} is a LoRA adapter directory (adapter_config.json), not a model; pass "
+            "the model directory the run saved next to it (it holds the merged weights)"
+        )
     for needed in (args_path, vocab_path):
         if not needed.is_file():
             raise CheckpointError(f"{root} has no {needed.name}; a model directory needs it")
@@ -329,12 +335,18 @@ def _check_coverage(model: torch.nn.Module, report: LoadReport, root: Path, part
 def save_model(model: CellTransformer, path: str | Path, vocab: Any = None) -> Path:
     """Write a model directory readable by scGPT and celltune; every file atomic.
 
+    A model with LoRA adapters is saved with the adapters merged into the weights.
+
     ``best_model.pt`` is scGPT's format (PyTorch names); ``model.safetensors`` holds the
     same tensors and is what celltune loads first; ``args.json`` carries scGPT's keys plus
     every architecture field so nothing needs to be inferred on reload.
     """
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
+    from celltune.model.finetune import has_lora, merge_lora
+
+    if has_lora(model):  # LoRA runs are saved merged: a plain scGPT directory
+        model = merge_lora(copy.deepcopy(model))
     vocab = model.vocab if vocab is None else vocab
     if vocab is None:
         raise CheckpointError("save_model needs the vocabulary (pass vocab= or set model.vocab)")

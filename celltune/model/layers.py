@@ -4,8 +4,12 @@ Why not ``nn.TransformerEncoderLayer``: its training path materialises the full
 (batch, heads, seq, seq) score, softmax and dropout tensors (~1.5 GB per layer at
 64 cells × 1,201 genes), which is what makes scGPT slow and memory-hungry on CPU.
 SDPA dispatches to a fused kernel (flash on CPU/GPU, memory-efficient on GPU) that never
-stores the score matrix. Parameter names equal ``nn.TransformerEncoderLayer``'s
+stores the score matrix. State-dict names equal ``nn.TransformerEncoderLayer``'s
 (``self_attn.in_proj_weight``, ``linear1``, ``norm1``, ...) so scGPT weights load as is.
+
+The packed [q; k; v] projection is an ``nn.Linear`` (``self_attn.in_proj``) so that
+``peft`` LoRA can target it like any other linear layer; two state-dict hooks keep the
+saved and loaded names PyTorch's/scGPT's ``in_proj_weight`` / ``in_proj_bias``.
 
 On CPU the fused kernel only runs without attention dropout (PyTorch falls back to the
 unfused math kernel for ``dropout_p > 0``), hence the separate ``attn_dropout`` option.
@@ -14,11 +18,35 @@ unfused math kernel for ``dropout_p > 0``), hence the separate ``attn_dropout`` 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+# module attribute name -> state-dict name (PyTorch's nn.MultiheadAttention / scGPT)
+_SAVED_NAMES = {"in_proj.weight": "in_proj_weight", "in_proj.bias": "in_proj_bias"}
+
+
+def _save_scgpt_names(module: nn.Module, state_dict: dict, prefix: str, _meta: Any) -> None:
+    """State-dict hook: ``in_proj.weight`` -> ``in_proj_weight``, in place and in order.
+
+    The hook runs right after this module's subtree was written, so its keys are the last
+    ones: re-inserting them all keeps scGPT's key order.
+    """
+    own_keys = [k for k in state_dict if k.startswith(prefix)]
+    for key in own_keys:
+        value = state_dict.pop(key)
+        short = key[len(prefix) :]
+        state_dict[prefix + _SAVED_NAMES.get(short, short)] = value
+
+
+def _load_scgpt_names(state_dict: dict, prefix: str, *_args: Any) -> None:
+    """Load pre-hook: ``in_proj_weight`` -> ``in_proj.weight`` before the keys are matched."""
+    for own, saved in _SAVED_NAMES.items():
+        if prefix + saved in state_dict:
+            state_dict[prefix + own] = state_dict.pop(prefix + saved)
 
 
 class SelfAttention(nn.Module):
@@ -29,16 +57,18 @@ class SelfAttention(nn.Module):
         self.nhead = nhead
         self.head_dim = d_model // nhead
         self.attn_dropout = attn_dropout
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * d_model, d_model))
-        self.in_proj_bias = nn.Parameter(torch.zeros(3 * d_model))
+        self.in_proj = nn.Linear(d_model, 3 * d_model)
         self.out_proj = nn.Linear(d_model, d_model)
-        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.xavier_uniform_(self.in_proj.weight)
+        nn.init.zeros_(self.in_proj.bias)
         nn.init.zeros_(self.out_proj.bias)
+        self._register_state_dict_hook(_save_scgpt_names)
+        self._register_load_state_dict_pre_hook(_load_scgpt_names)
 
     def forward(self, x: Tensor, attn_mask: Tensor | None) -> Tensor:
         """``x`` (B, L, d); ``attn_mask`` (B, 1, 1, L) bool, True = may attend, or None."""
         B, L, d = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        qkv = self.in_proj(x)
         q, k, v = qkv.view(B, L, 3, self.nhead, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         out = F.scaled_dot_product_attention(
             q,

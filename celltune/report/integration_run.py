@@ -233,7 +233,12 @@ def run_integrate(
     summary += [f"{k}: {v}" for k, v in notes.items()]
     if reason:
         summary.append(f"No metrics table: {reason}.")
-    sections = [Section("Run", text=summary)]
+    from celltune.eval.integration_verdict import integration_verdict
+
+    verdict = integration_verdict(metrics)
+    # a verdict that celltune loses to PCA is a warning, so a user cannot miss it
+    logger.log(logging.WARNING if "NOT" in verdict else logging.INFO, "verdict: %s", verdict)
+    sections = [Section("Verdict", text=[verdict]), Section("Run", text=summary)]
     if table is not None:
         extra = [c for c in ("seconds", "n_cells", "n_labelled") if c in table.columns]
         shown = table.drop(columns=extra).rename_axis(None)

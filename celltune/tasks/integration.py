@@ -98,6 +98,8 @@ class TokenSection:
     mask_value: float = -1.0
     pad_value: float = -2.0
     mask_cls: bool = False
+    # Mini-batches of cells of similar length (data.sampler.LengthBucketedSampler).
+    length_buckets: bool = True
 
 
 @dataclass
@@ -766,7 +768,7 @@ def integrate(
     from celltune.data.binning import cell_keys
     from celltune.data.dataset import CellDataset
     from celltune.data.preprocess import preprocess
-    from celltune.data.sampler import BatchAwareSampler
+    from celltune.data.sampler import BatchAwareSampler, LengthBucketedSampler
     from celltune.data.vocab import GeneVocab
     from celltune.train import distributed as dist_utils
     from celltune.train import input_fingerprint, make_loader
@@ -828,14 +830,19 @@ def integrate(
 
     tc = cfg.train
     if cfg.model.dsbn:
-        sampler = BatchAwareSampler(
-            train_ds.batch_labels,
-            tc.batch_size,
-            shuffle=True,
-            seed=seed,
-            num_replicas=dist_utils.world_size(),
-            rank=dist_utils.rank(),
-        )
+        sampler_kwargs: dict[str, Any] = {
+            "shuffle": True,
+            "seed": seed,
+            "num_replicas": dist_utils.world_size(),
+            "rank": dist_utils.rank(),
+        }
+        if cfg.tokens.length_buckets:  # fewer padded tokens, same cells per epoch
+            lengths = np.diff(train_ds.X.indptr)
+            sampler = LengthBucketedSampler(
+                train_ds.batch_labels, lengths, tc.batch_size, **sampler_kwargs
+            )
+        else:
+            sampler = BatchAwareSampler(train_ds.batch_labels, tc.batch_size, **sampler_kwargs)
         train_loader = make_loader(train_ds, tc, collate_fn=train_coll, batch_sampler=sampler)
     else:
         train_loader = make_loader(train_ds, tc, collate_fn=train_coll, shuffle=True)

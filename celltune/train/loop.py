@@ -47,6 +47,24 @@ StepFn = Callable[[nn.Module, Any, "StepContext"], "tuple[torch.Tensor, Mapping[
 EvalFn = Callable[[nn.Module, "StepContext"], Mapping[str, float]]
 
 
+#: Mini-batches timed before the run's training time is estimated.
+ETA_BATCHES = 5
+
+
+def _log_eta(elapsed: float, done: int, per_epoch: int, epochs_left: int) -> None:
+    """Print the training time estimated from the first mini-batches (warn past 15 min),
+    so a run that would take hours says so in its first minute, not at its end."""
+    seconds = elapsed / done * per_epoch * epochs_left
+    msg = (
+        f"estimated training time: {seconds / 60:.1f} min ({per_epoch} mini-batches/epoch x "
+        f"{epochs_left} epoch(s) at {elapsed / done:.2f} s each, validation not included)"
+    )
+    if seconds > 15 * 60:
+        logger.warning("%s; for a quicker run lower --epochs or the model size", msg)
+    else:
+        logger.info(msg)
+
+
 class NonFiniteLossError(CelltuneError, FloatingPointError):
     """The training loss became NaN or infinite (usually lr too high or fp16 overflow)."""
 
@@ -334,6 +352,8 @@ class Trainer:
             out_dir=self.out_dir,
         )
 
+    _eta_done = False  # the time estimate is printed once per Trainer
+
     def _train_epoch(self, loader: Iterable[Any], epoch: int) -> dict[str, float]:
         cfg = self.config
         accum = cfg.grad_accum
@@ -361,6 +381,7 @@ class Trainer:
             leave=False,
             dynamic_ncols=True,
         )
+        t_epoch = time.perf_counter()
         try:
             for index, batch, is_last in _lookahead(loader, cap):
                 sync = pending + 1 == accum or is_last
@@ -398,6 +419,9 @@ class Trainer:
                     sums[key] = sums.get(key, 0.0) + value
                     counts[key] = counts.get(key, 0) + 1
                 bar.update(1)
+                if index + 1 == ETA_BATCHES and total and self.is_main and not self._eta_done:
+                    self._eta_done = True
+                    _log_eta(time.perf_counter() - t_epoch, index + 1, total, cfg.epochs - epoch)
                 if not bar.disable:
                     bar.set_postfix({k: f"{sums[k] / counts[k]:.4g}" for k in sums}, refresh=False)
                 if (index + 1) % cfg.log_every == 0 and not is_last:
