@@ -147,6 +147,10 @@ class TokenCollator:
     ``max_seq_len``. Genes whose id is -1 are dropped. ``mask_ratio=0`` disables masking.
     Call :meth:`set_epoch` before each epoch (with ``num_workers > 0`` and
     ``persistent_workers=False`` the workers pick up the new epoch when re-created).
+
+    ``dense_targets=True`` adds every cell's values over all kept genes, zeros included
+    (``all_values`` (B, G)) and their vocab ids (``all_gene_ids`` (G,)): the targets of a
+    GEPC head that predicts every gene, whatever the tokens (``include_zero_gene=False``).
     """
 
     def __init__(
@@ -165,6 +169,7 @@ class TokenCollator:
         mask_cls: bool = False,
         seed: int = 0,
         append_cls: bool = True,
+        dense_targets: bool = False,
     ) -> None:
         self.gene_ids = np.asarray(gene_ids, dtype=np.int64)
         if self.gene_ids.shape != (n_genes,):
@@ -193,6 +198,7 @@ class TokenCollator:
         self.mask_cls = bool(mask_cls)
         self.seed = int(seed)
         self.append_cls = bool(append_cls)
+        self.dense_targets = bool(dense_targets)
         self.epoch = 0
         self._kept_cols = np.flatnonzero(self.gene_ids >= 0)
         self._kept_ids = self.gene_ids[self._kept_cols]
@@ -272,7 +278,7 @@ class TokenCollator:
             if masked is not None:
                 values[i, masked] = self.mask_value
         padding_mask = np.arange(L)[None, :] >= lengths[:, None]
-        return {
+        out = {
             "gene_ids": torch.from_numpy(gene_ids),
             "values": torch.from_numpy(values),
             "target_values": torch.from_numpy(target),
@@ -283,3 +289,14 @@ class TokenCollator:
             ),
             "cell_index": torch.tensor([it["index"] for it in items], dtype=torch.int64),
         }
+        if self.dense_targets:
+            out["all_values"] = torch.from_numpy(self._dense_values(items))
+            out["all_gene_ids"] = torch.from_numpy(self._kept_ids.copy())
+        return out
+
+    def _dense_values(self, items: Sequence[dict[str, Any]]) -> np.ndarray:
+        """(B, G) values of the kept genes, zeros included, in column order."""
+        block = np.zeros((len(items), self.n_genes), dtype=np.float32)
+        for i, it in enumerate(items):
+            block[i, np.asarray(it["indices"], dtype=np.int64)] = it["data"]
+        return block[:, self._kept_cols]

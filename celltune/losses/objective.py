@@ -73,13 +73,22 @@ class IntegrationObjective:
                 w.zero_prob,
                 bernoulli_nll(outputs["mlm_zero_probs"], target, mask),
             )
+        g_target, g_mask = target, mask
+        all_values = batch.get("all_values")
+        if (
+            "mvc_output" in outputs
+            and all_values is not None
+            and (outputs["mvc_output"].shape == all_values.shape)
+        ):  # GEPC over every gene (mvc_gene_ids): all of them are scored
+            g_target = all_values
+            g_mask = torch.ones_like(g_target, dtype=torch.bool)
         if w.gepc and "mvc_output" in outputs:
-            add("loss_gepc", w.gepc, masked_mse(outputs["mvc_output"], target, mask))
+            add("loss_gepc", w.gepc, masked_mse(outputs["mvc_output"], g_target, g_mask))
         if w.gepc_zero_prob and "mvc_zero_probs" in outputs:
             add(
                 "loss_gepc_zero_log_prob",
                 w.gepc_zero_prob,
-                bernoulli_nll(outputs["mvc_zero_probs"], target, mask),
+                bernoulli_nll(outputs["mvc_zero_probs"], g_target, g_mask),
             )
         if w.ecs_weight and w.ecs_threshold > 0 and "cell_emb" in outputs:
             add("loss_ecs", w.ecs_weight, ecs_loss(outputs["cell_emb"], w.ecs_threshold))

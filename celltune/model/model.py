@@ -270,6 +270,7 @@ class CellTransformer(nn.Module):
         src: Tensor | None = None,
         src_key_padding_mask: Tensor | None = None,
         input_pert_flags: Tensor | None = None,
+        mvc_gene_ids: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Run the model; only the heads asked for are computed (MLM always, DAB if built).
 
@@ -277,6 +278,10 @@ class CellTransformer(nn.Module):
         and scGPT's positional order: for a non-generator model a bool third argument
         is the padding mask and the fourth the batch labels, as in
         ``TransformerModel.forward(src, values, src_key_padding_mask, batch_labels)``.
+
+        ``mvc_gene_ids`` ((G,) or (B, G)): genes the GEPC/MVC head predicts from the cell
+        embedding instead of the input tokens, e.g. every HVG, so that the embedding must
+        also say which genes are *not* expressed (``mvc_output`` is then (B, G)).
         """
         c = self.config
         gene_ids = src if gene_ids is None else gene_ids
@@ -329,6 +334,9 @@ class CellTransformer(nn.Module):
             if not c.do_mvc:
                 raise InputError("MVC=True but the model has no MVC decoder; build it with do_mvc")
             query_cell = cell_emb if batch_emb is None else torch.cat([cell_emb, batch_emb], 1)
+            if mvc_gene_ids is not None:  # GEPC queries these genes, not the input tokens
+                ids = mvc_gene_ids if mvc_gene_ids.dim() == 2 else mvc_gene_ids[None]
+                genes = self.encoder(ids).expand(cell_emb.shape[0], -1, -1)
             mvc = self.mvc_decoder(query_cell, genes)
             if c.explicit_zero_prob and do_sample and "zero_probs" in mvc:
                 out["mvc_output"] = Bernoulli(probs=mvc["zero_probs"]).sample() * mvc["pred"]

@@ -136,6 +136,10 @@ class ObjectiveSection:
     ecs_weight: float = 10.0
     ecs_threshold: float = 0.8
     dab_weight: float = 1.0
+    # "input": GEPC predicts the input tokens' values (scGPT); "all": every HVG from the
+    # cell embedding, zeros included, so the embedding must encode which genes are off
+    # even when the tokens leave zeros out (tokens.include_zero_gene=false).
+    gepc_genes: str = "input"
 
 
 @dataclass
@@ -215,6 +219,8 @@ class IntegrationConfig:
                 "objective.mse_weight and objective.gepc_weight are both 0: the model would "
                 "learn no expression; keep at least one > 0"
             )
+        if o.gepc_genes not in ("input", "all"):
+            raise InputError(f"objective.gepc_genes must be 'input' or 'all', got {o.gepc_genes!r}")
         unknown = [b for b in self.eval.baselines if b not in KNOWN_BASELINES]
         if unknown:
             raise InputError(
@@ -454,6 +460,7 @@ def _forward(model: nn.Module, module: nn.Module, batch: Mapping[str, torch.Tens
         batch_labels=_batch_labels_for(module, batch),
         MVC=o.gepc_weight > 0,
         ECS=False,  # the objective computes ECS from cell_emb itself
+        mvc_gene_ids=batch.get("all_gene_ids"),
     )
 
 
@@ -535,9 +542,10 @@ def collators(cfg: IntegrationConfig, vocab: Any, gene_ids: np.ndarray) -> tuple
         "mask_cls": t.mask_cls,
         "seed": cfg.train.seed,
     }
-    train_coll = TokenCollator(mask_ratio=t.mask_ratio, **kwargs)
+    dense = cfg.objective.gepc_genes == "all" and cfg.objective.gepc_weight > 0
+    train_coll = TokenCollator(mask_ratio=t.mask_ratio, dense_targets=dense, **kwargs)
     # The validation masks stay fixed (epoch 0) so val/mse is comparable across epochs.
-    val_coll = TokenCollator(mask_ratio=t.mask_ratio, **kwargs)
+    val_coll = TokenCollator(mask_ratio=t.mask_ratio, dense_targets=dense, **kwargs)
     embed_coll = TokenCollator(mask_ratio=0.0, **kwargs)
     return train_coll, val_coll, embed_coll
 
