@@ -44,6 +44,21 @@ def summarise(
         ),
         "n_genes_zero_in_all_control_cells": int(per_gene["all_zero_in_ctrl"].sum()),
     }
+    s["significant_genes"] = _significant(per_pert, methods)
+    if "top_de_median_effect_over_ctrl_sd" in per_pert:
+        s["top_de_effect_over_ctrl_sd"] = quartiles(
+            per_pert["top_de_median_effect_over_ctrl_sd"].to_numpy(dtype=float)
+        )
+        s["top_de_frac_effect_gt_ctrl_sd"] = quartiles(
+            per_pert["top_de_frac_effect_gt_ctrl_sd"].to_numpy(dtype=float)
+        )
+    s["variance"] = _variance(per_gene)
+    s["mean_variance"] = _mean_variance(per_gene, kind)
+    return s
+
+
+def _significant(per_pert: pd.DataFrame, methods: list[str]) -> dict[str, Any]:
+    """Per DE method: quartiles of the significant-gene counts, extremes, target genes."""
     sig: dict[str, Any] = {}
     for m in methods:
         col = f"n_significant_{m}"
@@ -70,16 +85,13 @@ def summarise(
             "fraction_target_down": down,
             "targets_not_significant": meas.loc[~meas[tcol].astype(bool), "perturbation"].tolist(),
         }
-    s["significant_genes"] = sig
-    if "top_de_median_effect_over_ctrl_sd" in per_pert:
-        s["top_de_effect_over_ctrl_sd"] = quartiles(
-            per_pert["top_de_median_effect_over_ctrl_sd"].to_numpy(dtype=float)
-        )
-        s["top_de_frac_effect_gt_ctrl_sd"] = quartiles(
-            per_pert["top_de_frac_effect_gt_ctrl_sd"].to_numpy(dtype=float)
-        )
+    return sig
+
+
+def _variance(per_gene: pd.DataFrame) -> dict[str, Any]:
+    """Variance between vs within perturbation groups, overall and per gene."""
     tot = float(per_gene["ss_total"].sum())
-    s["variance"] = {
+    return {
         "fraction_between_overall": float(per_gene["ss_between"].sum() / tot) if tot else None,
         "fraction_within_overall": float(per_gene["ss_within"].sum() / tot) if tot else None,
         "fraction_between_per_gene": quartiles(per_gene["frac_between"].to_numpy()),
@@ -89,9 +101,13 @@ def summarise(
         "median_within_var_perturbed": float(np.nanmedian(per_gene["mean_within_var_perturbed"])),
         "median_var_of_group_means": float(np.nanmedian(per_gene["var_of_group_means"])),
     }
+
+
+def _mean_variance(per_gene: pd.DataFrame, kind: str) -> dict[str, Any]:
+    """Mean–variance in control cells: over-dispersion relative to Poisson."""
     expressed = per_gene["ctrl_mean_input"] > 0
     phi = per_gene.loc[expressed, "overdispersion_phi"].to_numpy(dtype=float)
-    s["mean_variance"] = {
+    return {
         "values": kind,
         "n_genes_expressed_in_ctrl": int(expressed.sum()),
         "fraction_var_gt_mean": float(
@@ -104,7 +120,6 @@ def summarise(
         else None,
         "median_overdispersion_phi": float(np.nanmedian(phi)) if phi.size else None,
     }
-    return s
 
 
 def _pct(x: float | None) -> str:
