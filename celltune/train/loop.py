@@ -11,9 +11,7 @@ Files in ``out_dir`` (written by rank 0 only, atomically):
 ``history.csv`` (one row per epoch), ``best_state.pt`` (the best model's ``state_dict``)
 and ``checkpoint.pt`` (everything needed to resume; loadable with ``weights_only=True``).
 
-Beside it: ``context`` (``StepContext``, ``History``), ``loader`` (``make_loader``,
-``set_epoch``), ``state`` (checkpoint format, input fingerprint, RNG states) and
-``progress`` (what is logged).
+Beside it: ``context`` (StepContext, History), ``loader``, ``state`` (checkpoint), ``progress``.
 """
 
 from __future__ import annotations
@@ -65,6 +63,7 @@ class Trainer:
     A custom ``optimizer`` replaces the default Adam (StepLR is still attached to it).
     """
 
+    # long: device, AMP, optimizer, scheduler and DDP set up in the order they depend on
     def __init__(
         self,
         model: nn.Module,
@@ -258,6 +257,7 @@ class Trainer:
 
     _eta_done = False  # the time estimate is printed once per Trainer
 
+    # long: the hot loop (accumulation, DDP no_sync, AMP scaling) reads best as one pass
     def _train_epoch(self, loader: Iterable[Any], epoch: int) -> dict[str, float]:
         cfg = self.config
         accum = cfg.grad_accum
