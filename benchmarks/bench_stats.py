@@ -29,11 +29,9 @@ import scipy.sparse as sp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from celltune.analysis.perturbation_stats import (  # noqa: E402
-    compute_perturbation_stats,
-    write_stats,
-)
+from celltune.analysis.perturbation_stats import compute_perturbation_stats  # noqa: E402
 from celltune.files import write_json_atomic  # noqa: E402
+from celltune.report.stats_report import write_stats  # noqa: E402
 
 PAPALEXI = (
     ROOT.parent

@@ -22,7 +22,7 @@ from celltune.tasks.perturbation import (
     predict_perturbations,
     train_perturbation_model,
 )
-from celltune.tasks.perturbation_data import (
+from celltune.tasks.perturbation.pairing import (
     PairedItem,
     PerturbationCollator,
     PerturbationPairs,

@@ -25,10 +25,10 @@ def stats(
     from celltune.analysis.perturbation_stats import (
         compute_perturbation_stats,
         report_sentences,
-        write_stats,
     )
     from celltune.data.io import read_h5ad
     from celltune.errors import CelltuneError
+    from celltune.report.stats_report import write_stats
 
     try:
         from celltune.data.validate import validate_input

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from celltune.errors import InputError
-from celltune.eval.perturbation import pearson
+from celltune.eval.vectors import pearson
 
 DE_N = (10, 20)
 

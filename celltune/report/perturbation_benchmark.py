@@ -151,13 +151,10 @@ def run_benchmark(
     quiet: bool = False,
 ) -> dict[str, Any]:
     """The ``benchmark`` command as a function; returns the content of ``metrics.json``."""
-    from celltune.data.gears import prepare_perturbation_data, write_prepared
     from celltune.data.io import read_h5ad
     from celltune.errors import InputError
     from celltune.files import atomic_path, write_json_atomic
-    from celltune.report.html import Section, write_report
-    from celltune.report.perturbation_run import TABLE_METRICS, evaluate_perturbation_run
-    from celltune.tasks.perturbation import train_perturbation_model
+    from celltune.report.perturbation_run import TABLE_METRICS
 
     if seeds < 2:
         raise InputError(f"--seeds {seeds}: a benchmark needs at least 2 split seeds")
@@ -169,32 +166,18 @@ def run_benchmark(
     seed_info: dict[int, dict[str, Any]] = {}
     test_sets: dict[tuple[str, ...], int] = {}
     for s in range(first_seed, first_seed + seeds):
-        t_seed = time.perf_counter()
-        root = out / f"seed_{s}"
-        prepared = prepare_perturbation_data(
-            raw, split=split, seed=s, data_is_raw=data_is_raw, n_hvg=n_hvg
+        per_seed[s], seed_info[s] = _run_seed(
+            raw,
+            s,
+            out / f"seed_{s}",
+            cfg,
+            test_sets,
+            split=split,
+            data_is_raw=data_is_raw,
+            n_hvg=n_hvg,
+            n_ctrl=n_ctrl,
+            quiet=quiet,
         )
-        test = tuple(sorted(prepared.uns["split_subgroups"]))
-        if test in test_sets:
-            logger.warning("split seed %d repeats the test set of seed %d", s, test_sets[test])
-        test_sets.setdefault(test, s)
-        write_prepared(prepared, root / "data.h5ad")
-        run = train_perturbation_model(root / "data.h5ad", root / "run", cfg)
-        m = evaluate_perturbation_run(root / "run", n_ctrl=n_ctrl, quiet=quiet, n_plots=0)
-        scope = "measured" if "measured" in m["scopes"] else "all"
-        if MODEL not in m["scopes"][scope]:
-            logger.warning("seed %d: the model cannot flag every test perturbation", s)
-        per_seed[s] = {k: v["all"] for k, v in m["scopes"][scope].items()}
-        seed_info[s] = {
-            "scope": scope,
-            "test_perturbations": list(test),
-            "n_scored": m["scopes"][scope][next(iter(m["scopes"][scope]))]["all"][
-                "n_perturbations"
-            ],
-            "fit_seconds": run.info.get("fit_seconds"),
-            "seconds": round(time.perf_counter() - t_seed, 1),
-        }
-        logger.info("seed %d done in %.0f s", s, seed_info[s]["seconds"])
 
     table = aggregate(per_seed, metrics)
     paired = paired_comparison(per_seed, metrics)
@@ -227,13 +210,71 @@ def run_benchmark(
         "seconds": round(time.perf_counter() - t0, 1),
     }
     write_json_atomic(out / "metrics.json", result)
+    _write_html(out, result, table, paired, images, split)
+    return result
+
+
+def _run_seed(
+    raw: Any,
+    s: int,
+    root: Path,
+    cfg: Any,
+    test_sets: dict[tuple[str, ...], int],
+    *,
+    split: str,
+    data_is_raw: bool,
+    n_hvg: int,
+    n_ctrl: int | None,
+    quiet: bool,
+) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
+    """Prepare, train and evaluate one split seed; its summary metrics and facts."""
+    from celltune.data.gears import prepare_perturbation_data, write_prepared
+    from celltune.report.perturbation_run import evaluate_perturbation_run
+    from celltune.tasks.perturbation import train_perturbation_model
+
+    t_seed = time.perf_counter()
+    prepared = prepare_perturbation_data(
+        raw, split=split, seed=s, data_is_raw=data_is_raw, n_hvg=n_hvg
+    )
+    test = tuple(sorted(prepared.uns["split_subgroups"]))
+    if test in test_sets:
+        logger.warning("split seed %d repeats the test set of seed %d", s, test_sets[test])
+    test_sets.setdefault(test, s)
+    write_prepared(prepared, root / "data.h5ad")
+    run = train_perturbation_model(root / "data.h5ad", root / "run", cfg)
+    m = evaluate_perturbation_run(root / "run", n_ctrl=n_ctrl, quiet=quiet, n_plots=0)
+    scope = "measured" if "measured" in m["scopes"] else "all"
+    if MODEL not in m["scopes"][scope]:
+        logger.warning("seed %d: the model cannot flag every test perturbation", s)
+    info = {
+        "scope": scope,
+        "test_perturbations": list(test),
+        "n_scored": m["scopes"][scope][next(iter(m["scopes"][scope]))]["all"]["n_perturbations"],
+        "fit_seconds": run.info.get("fit_seconds"),
+        "seconds": round(time.perf_counter() - t_seed, 1),
+    }
+    logger.info("seed %d done in %.0f s", s, info["seconds"])
+    return {k: v["all"] for k, v in m["scopes"][scope].items()}, info
+
+
+def _write_html(
+    out: Path,
+    result: dict[str, Any],
+    table: Any,
+    paired: Any,
+    images: list[Path],
+    split: str,
+) -> None:
+    from celltune.report.html import Section, write_report
+
     shown = [f"{m}_mean" for m in HEADLINE] + [f"{m}_sd" for m in HEADLINE]
     sections = [
-        Section("Benchmark", text=[result["notes"], f"{len(per_seed)} split seeds, {split}."]),
+        Section(
+            "Benchmark", text=[result["notes"], f"{len(result['seeds'])} split seeds, {split}."]
+        ),
         Section("Mean ± sd over seeds", tables=[table[sorted(shown)].round(4)]),
         Section("Paired vs best baseline", tables=[paired.set_index("metric").round(4)]),
     ]
     if images:
         sections.append(Section("Plots", images=images, captions=["every seed (dots), mean"]))
     write_report(out / "report.html", "celltune perturb benchmark", sections, meta=str(out))
-    return result

@@ -12,6 +12,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
+
 logger = logging.getLogger(__name__)
 
 #: columns of the README / report table, in this order
@@ -49,7 +52,6 @@ def _plot_delta_similarity(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     from celltune.files import atomic_path
 
@@ -96,26 +98,47 @@ def evaluate_perturbation_run(
     """
     import time
 
-    import numpy as np
-    import pandas as pd
-
-    from celltune.data.gears import load_prepared
-    from celltune.errors import InputError
-    from celltune.eval.perturbation import (
-        eval_inputs_from_adata,
-        evaluate_predictions,
-        summary_table,
-    )
+    from celltune.eval.perturbation import eval_inputs_from_adata
     from celltune.eval.perturbation_baselines import BASELINES, PerturbationBaselines
-    from celltune.eval.perturbation_ceiling import CEILING_NAME, noise_ceiling
-    from celltune.files import atomic_path, write_json_atomic
-    from celltune.report import perturbation_plots as pplots
-    from celltune.report.html import Section, write_report
-    from celltune.tasks.perturbation import load_run, predict_cells
+    from celltune.files import write_json_atomic
+    from celltune.tasks.perturbation import load_run
 
     t0 = time.perf_counter()
     out = Path(run_dir)
     run = load_run(out, device=device)
+    data_path, adata = _load_data(run, out, data)
+    inputs = eval_inputs_from_adata(adata)
+    sets = _test_sets(list(inputs["true_cells"]), run)
+    n, model_pred = _predict_model(run, sets["placeable"], n_ctrl, quiet)
+    baselines = PerturbationBaselines(adata, seed=run.config.train.seed)
+    base_pred = baselines.predict_all(sets["test"], BASELINES)
+
+    scopes: dict[str, dict[str, Any]] = {}
+    seed = run.config.train.seed
+    if sets["measured"]:
+        scopes["measured"] = _score(
+            sets["measured"], {MODEL_NAME: model_pred, **base_pred}, inputs, seed
+        )
+    everything = dict(base_pred)
+    if not sets["excluded"]:
+        everything = {MODEL_NAME: model_pred, **everything}
+    scopes["all"] = _score(sets["test"], everything, inputs, seed)
+    table = _write_tables(scopes, out)
+    images, captions = _plots(adata, inputs, sets, model_pred, base_pred, out, n_plots)
+
+    metrics = _metrics(run, out, data_path, sets, n, scopes)
+    metrics["seconds"] = round(time.perf_counter() - t0, 1)
+    write_json_atomic(out / "metrics.json", metrics)
+    _write_html(run, out, sets, n, scopes, table, images, captions)
+    logger.info("wrote %s (%.0f s)", out / "report.html", time.perf_counter() - t0)
+    return metrics
+
+
+def _load_data(run: Any, out: Path, data: str | Path | None) -> tuple[Path, Any]:
+    """The prepared data the run was trained on, restricted to the model's genes."""
+    from celltune.data.gears import load_prepared
+    from celltune.errors import InputError
+
     data_path = Path(data) if data is not None else Path(run.info["data"])
     if not data_path.is_file():
         raise InputError(
@@ -129,15 +152,20 @@ def evaluate_perturbation_run(
         keep = np.isin(symbols, run.genes)
         adata = adata[:, keep].copy()
         logger.info("evaluating on the %d genes of the model (of %d)", keep.sum(), keep.size)
-    inputs = eval_inputs_from_adata(adata)
-    test = list(inputs["true_cells"])
+    return data_path, adata
+
+
+def _test_sets(test: list[str], run: Any) -> dict[str, list[str]]:
+    """Test perturbations by what the model can do with them.
+
+    measured: every perturbed gene is an input gene (flag on a measured value);
+    placeable: every gene is at least in the vocabulary (extra flagged token);
+    untrained: placeable, but with an unmeasured gene never perturbed in training.
+    """
     measured_genes = set(run.genes)
     vocab = run.model.vocab
-    # measured: every perturbed gene is an input gene (flag on a measured value);
-    # placeable: every gene is at least in the vocabulary (extra flagged token)
     measured = [c for c in test if all(g in measured_genes for g in _genes_of(c))]
     placeable = [c for c in test if all(g in measured_genes or g in vocab for g in _genes_of(c))]
-    excluded = [c for c in test if c not in placeable]
     untrained = [
         c
         for c in placeable
@@ -149,14 +177,27 @@ def evaluate_perturbation_run(
             "the baselines are scored",
             len(test),
         )
+    return {
+        "test": test,
+        "measured": measured,
+        "placeable": placeable,
+        "excluded": [c for c in test if c not in placeable],
+        "untrained": untrained,
+    }
 
-    # -- celltune predictions: flags on the perturbed genes, averaged over control cells
+
+def _predict_model(
+    run: Any, placeable: list[str], n_ctrl: int | None, quiet: bool
+) -> tuple[int, dict[str, np.ndarray]]:
+    """celltune predictions: flags on the perturbed genes, averaged over control cells."""
+    from tqdm.auto import tqdm
+
+    from celltune.tasks.perturbation import predict_cells
+
     n = min(n_ctrl or run.config.data.n_eval_ctrl, len(run.controls))
     rng = np.random.default_rng([run.config.train.seed, 29])
     controls = run.controls[np.sort(rng.choice(len(run.controls), n, replace=False))]
     model_pred: dict[str, np.ndarray] = {}
-    from tqdm.auto import tqdm
-
     for c in tqdm(placeable, desc="predict test", disable=quiet, leave=False):
         ids, cols = run.flag_inputs(_genes_of(c))
         pred = predict_cells(
@@ -171,53 +212,56 @@ def evaluate_perturbation_run(
             include_zero_gene=run.config.data.include_zero_gene,
         )
         model_pred[c] = pred.mean(axis=0).astype(np.float64)
+    return n, model_pred
 
-    baselines = PerturbationBaselines(adata, seed=run.config.train.seed)
-    base_pred = baselines.predict_all(test, BASELINES)
 
-    def scored(conds: list[str], methods: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        sub = {
-            k: {c: v for c, v in inputs[k].items() if c in conds}
-            for k in ("true_cells", "de_idx", "non_dropout_idx")
-        }
-        nz = inputs["non_zero_idx"]
-        groups = {g: [c for c in m if c in conds] for g, m in inputs["subgroups"].items()}
-        res = {}
-        for name, preds in methods.items():
-            per, summary = evaluate_predictions(
-                {c: preds[c] for c in conds},
-                sub["true_cells"],
-                inputs["ctrl_mean"],
-                sub["de_idx"],
-                sub["non_dropout_idx"],
-                None if nz is None else {c: v for c, v in nz.items() if c in conds},
-                {g: m for g, m in groups.items() if m},
-                pert_mean=inputs["pert_mean"],
-                target_idx=inputs["target_idx"],
-            )
-            res[name] = (per, summary)
-        ceiling = noise_ceiling(
+def _score(
+    conds: list[str], methods: dict[str, dict[str, Any]], inputs: dict[str, Any], seed: int
+) -> dict[str, Any]:
+    """Per-perturbation and summary metrics of every method on ``conds``, and the ceiling."""
+    from celltune.eval.perturbation import evaluate_predictions
+    from celltune.eval.perturbation_ceiling import CEILING_NAME, noise_ceiling
+
+    sub = {
+        k: {c: v for c, v in inputs[k].items() if c in conds}
+        for k in ("true_cells", "de_idx", "non_dropout_idx")
+    }
+    nz = inputs["non_zero_idx"]
+    groups = {g: [c for c in m if c in conds] for g, m in inputs["subgroups"].items()}
+    res = {}
+    for name, preds in methods.items():
+        per, summary = evaluate_predictions(
+            {c: preds[c] for c in conds},
             sub["true_cells"],
             inputs["ctrl_mean"],
             sub["de_idx"],
-            non_dropout_idx=sub["non_dropout_idx"],
-            non_zero_idx=None if nz is None else {c: v for c, v in nz.items() if c in conds},
-            subgroups={g: m for g, m in groups.items() if m},
+            sub["non_dropout_idx"],
+            None if nz is None else {c: v for c, v in nz.items() if c in conds},
+            {g: m for g, m in groups.items() if m},
             pert_mean=inputs["pert_mean"],
             target_idx=inputs["target_idx"],
-            seed=run.config.train.seed,
         )
-        if ceiling is not None:
-            res[CEILING_NAME] = ceiling
-        return res
+        res[name] = (per, summary)
+    ceiling = noise_ceiling(
+        sub["true_cells"],
+        inputs["ctrl_mean"],
+        sub["de_idx"],
+        non_dropout_idx=sub["non_dropout_idx"],
+        non_zero_idx=None if nz is None else {c: v for c, v in nz.items() if c in conds},
+        subgroups={g: m for g, m in groups.items() if m},
+        pert_mean=inputs["pert_mean"],
+        target_idx=inputs["target_idx"],
+        seed=seed,
+    )
+    if ceiling is not None:
+        res[CEILING_NAME] = ceiling
+    return res
 
-    scopes: dict[str, dict[str, Any]] = {}
-    if measured:
-        scopes["measured"] = scored(measured, {MODEL_NAME: model_pred, **base_pred})
-    everything = dict(base_pred)
-    if not excluded:
-        everything = {MODEL_NAME: model_pred, **everything}
-    scopes["all"] = scored(test, everything)
+
+def _write_tables(scopes: dict[str, dict[str, Any]], out: Path) -> pd.DataFrame:
+    """``metrics_per_perturbation.csv`` and ``metrics_summary.csv``; returns the summary."""
+    from celltune.eval.perturbation import summary_table
+    from celltune.files import atomic_path
 
     per_frames, tables = [], []
     for scope, res in scopes.items():
@@ -234,14 +278,27 @@ def evaluate_perturbation_run(
         per_all.to_csv(tmp, index=False)
     with atomic_path(out / "metrics_summary.csv") as tmp:
         table.to_csv(tmp, index=False)
+    return table
 
-    # -- plots
+
+def _plots(
+    adata: Any,
+    inputs: dict[str, Any],
+    sets: dict[str, list[str]],
+    model_pred: dict[str, np.ndarray],
+    base_pred: dict[str, dict[str, Any]],
+    out: Path,
+    n_plots: int,
+) -> tuple[list[Path], list[str]]:
+    """DE boxplots, the delta scatter and the delta-similarity matrix (failures only warn)."""
+    from celltune.report import perturbation_plots as pplots
+
     C = inputs["ctrl_mean"]
-    true_means = {c: inputs["true_cells"][c].mean(axis=0) for c in test}
+    true_means = {c: inputs["true_cells"][c].mean(axis=0) for c in sets["test"]}
     images: list[Path] = []
     captions: list[str] = []
-    plot_conds = measured or placeable or test
-    shown = {MODEL_NAME: model_pred} if placeable else {}
+    plot_conds = sets["measured"] or sets["placeable"] or sets["test"]
+    shown = {MODEL_NAME: model_pred} if sets["placeable"] else {}
     shown.update({k: base_pred[k] for k in ("train_mean", "linear", "additive")})
     try:
         for c in sorted(plot_conds, key=lambda c: -len(inputs["true_cells"][c]))[:n_plots]:
@@ -284,17 +341,28 @@ def evaluate_perturbation_run(
             )
     except Exception as err:  # plots must not sink a finished evaluation
         logger.warning("perturbation plots failed: %s: %s", type(err).__name__, err)
+    return images, captions
 
-    metrics: dict[str, Any] = {
+
+def _metrics(
+    run: Any,
+    out: Path,
+    data_path: Path,
+    sets: dict[str, list[str]],
+    n: int,
+    scopes: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
+    """The content of ``metrics.json`` (the caller adds ``seconds``)."""
+    return {
         "run": str(out),
         "data": str(data_path),
-        "n_test_perturbations": len(test),
-        "n_test_measured_targets": len(measured),
-        "n_evaluated_by_model": len(placeable),
-        "excluded_from_model": excluded,
+        "n_test_perturbations": len(sets["test"]),
+        "n_test_measured_targets": len(sets["measured"]),
+        "n_evaluated_by_model": len(sets["placeable"]),
+        "excluded_from_model": sets["excluded"],
         "excluded_reason": "a perturbed gene is neither measured nor in the model's "
         "vocabulary, so no token can carry its flag; baselines still cover them",
-        "model_untrained_gene_predictions": untrained,
+        "model_untrained_gene_predictions": sets["untrained"],
         "scope_notes": {
             "measured": "test perturbations whose genes are all measured: the flag sits on "
             "an input gene; every method on the same perturbations",
@@ -319,15 +387,29 @@ def evaluate_perturbation_run(
             scope: {name: summary for name, (_, summary) in res.items()}
             for scope, res in scopes.items()
         },
-        "seconds": round(time.perf_counter() - t0, 1),
     }
-    write_json_atomic(out / "metrics.json", metrics)
 
+
+def _write_html(
+    run: Any,
+    out: Path,
+    sets: dict[str, list[str]],
+    n: int,
+    scopes: dict[str, dict[str, Any]],
+    table: pd.DataFrame,
+    images: list[Path],
+    captions: list[str],
+) -> None:
+    """``report.html``: what was scored, the metric tables, plots, training history."""
+    from celltune.report.html import Section, write_report
+
+    test, measured, excluded = sets["test"], sets["measured"], sets["excluded"]
     intro = [
         f"{len(test)} test perturbations, {len(measured)} of them of measured genes (scope "
-        f"'measured': the flag sits on an input gene). The model can flag {len(placeable)}; "
-        f"{len(untrained)} of those target unmeasured genes never perturbed in training, "
-        "whose prediction rests on an untrained gene embedding (scope 'all')"
+        f"'measured': the flag sits on an input gene). The model can flag "
+        f"{len(sets['placeable'])}; {len(sets['untrained'])} of those target unmeasured genes "
+        "never perturbed in training, whose prediction rests on an untrained gene embedding "
+        "(scope 'all')"
         + (f"; {len(excluded)} are scored for the baselines only." if excluded else "."),
         f"celltune predictions: mean over {n} control cells with the perturbed gene(s) "
         "flagged, clipped at 0. Train time "
@@ -363,8 +445,6 @@ def evaluate_perturbation_run(
         hist = pd.read_csv(hist_path).set_index("epoch")
         sections.append(Section("Training history", tables=[hist]))
     write_report(out / "report.html", "celltune perturb evaluate", sections, meta=str(out))
-    logger.info("wrote %s (%.0f s)", out / "report.html", time.perf_counter() - t0)
-    return metrics
 
 
 def _genes_of(cond: str) -> list[str]:

@@ -10,143 +10,45 @@ per-epoch resumable checkpoints, and DDP when launched under torchrun.
 Files in ``out_dir`` (written by rank 0 only, atomically):
 ``history.csv`` (one row per epoch), ``best_state.pt`` (the best model's ``state_dict``)
 and ``checkpoint.pt`` (everything needed to resume; loadable with ``weights_only=True``).
+
+Beside it: ``context`` (StepContext, History), ``loader``, ``state`` (checkpoint), ``progress``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import logging
 import math
-import random
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from celltune.errors import CelltuneError, InputError
-from celltune.files import atomic_path, write_text_atomic
+from celltune.files import atomic_path
 from celltune.train import distributed as dist_utils
 from celltune.train.config import TrainConfig
+from celltune.train.context import EvalFn, History, NonFiniteLossError, StepContext, StepFn
+from celltune.train.loader import lookahead, make_loader, set_epoch, to_device
+from celltune.train.progress import ETA_BATCHES, fmt, log_eta, term_values
+from celltune.train.state import (
+    CHECKPOINT_FORMAT,
+    input_fingerprint,
+    read_checkpoint,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 BEST_STATE_NAME = "best_state.pt"
 HISTORY_NAME = "history.csv"
-_CHECKPOINT_FORMAT = "celltune.train.checkpoint/1"
-
-StepFn = Callable[[nn.Module, Any, "StepContext"], "tuple[torch.Tensor, Mapping[str, Any]]"]
-EvalFn = Callable[[nn.Module, "StepContext"], Mapping[str, float]]
-
-
-#: Mini-batches timed before the run's training time is estimated.
-ETA_BATCHES = 5
-
-
-def _log_eta(elapsed: float, done: int, per_epoch: int, epochs_left: int) -> None:
-    """Print the training time estimated from the first mini-batches (warn past 15 min),
-    so a run that would take hours says so in its first minute, not at its end."""
-    seconds = elapsed / done * per_epoch * epochs_left
-    msg = (
-        f"estimated training time: {seconds / 60:.1f} min ({per_epoch} mini-batches/epoch x "
-        f"{epochs_left} epoch(s) at {elapsed / done:.2f} s each, validation not included)"
-    )
-    if seconds > 15 * 60:
-        logger.warning("%s; for a quicker run lower --epochs or the model size", msg)
-    else:
-        logger.info(msg)
-
-
-class NonFiniteLossError(CelltuneError, FloatingPointError):
-    """The training loss became NaN or infinite (usually lr too high or fp16 overflow)."""
-
-
-@dataclass
-class StepContext:
-    """What ``step_fn`` / ``eval_fn`` may need besides the model and the batch.
-
-    ``module`` is the bare model (DDP / ``torch.compile`` unwrapped) for attribute access;
-    ``step_fn`` must still call the ``model`` it is given so DDP can synchronise gradients.
-    ``epoch`` is 0-based (the value passed to ``set_epoch``); ``step`` counts optimizer
-    steps since the start of training; ``batch_index`` is the mini-batch within the epoch.
-    """
-
-    device: torch.device
-    amp: str
-    amp_dtype: torch.dtype | None
-    epoch: int
-    step: int
-    batch_index: int
-    training: bool
-    world_size: int
-    rank: int
-    config: TrainConfig
-    module: nn.Module
-    out_dir: Path
-
-    @property
-    def is_main(self) -> bool:
-        """Rank 0 (the process that logs and writes files)."""
-        return self.rank == 0
-
-    def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        """Autocast as configured (the Trainer already wraps ``step_fn`` in it; ``eval_fn``
-        decides itself, since metrics such as Pearson may want full precision)."""
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
-
-
-@dataclass
-class History:
-    """Per-epoch records (``epoch`` is 1-based; ``train/*``, ``val/*``, ``lr``, ``time_s``)."""
-
-    records: list[dict[str, Any]] = field(default_factory=list)
-    select_metric: str = "val/loss"
-    select_mode: str = "min"
-    best_epoch: int | None = None
-    best_metric: float | None = None
-    stopped_early: bool = False
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, key: str) -> list[Any]:
-        """One column, ``None`` where an epoch lacks the key."""
-        return [r.get(key) for r in self.records]
-
-    def keys(self) -> list[str]:
-        """Column names in first-seen order."""
-        seen: dict[str, None] = {}
-        for record in self.records:
-            seen.update(dict.fromkeys(record))
-        return list(seen)
-
-    @property
-    def last(self) -> dict[str, Any]:
-        """The latest epoch's record (empty before the first epoch)."""
-        return self.records[-1] if self.records else {}
-
-    def to_csv_text(self) -> str:
-        """CSV with one row per epoch; missing values are empty cells."""
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=self.keys(), lineterminator="\n")
-        writer.writeheader()
-        for record in self.records:
-            writer.writerow({k: ("" if v is None else v) for k, v in record.items()})
-        return buf.getvalue()
-
-    def to_csv(self, path: str | Path) -> None:
-        """Write :meth:`to_csv_text` atomically."""
-        write_text_atomic(path, self.to_csv_text())
 
 
 class Trainer:
@@ -161,6 +63,7 @@ class Trainer:
     A custom ``optimizer`` replaces the default Adam (StepLR is still attached to it).
     """
 
+    # long: device, AMP, optimizer, scheduler and DDP set up in the order they depend on
     def __init__(
         self,
         model: nn.Module,
@@ -271,7 +174,7 @@ class Trainer:
         else:
             if resume:
                 logger.info("no checkpoint in %s: starting from scratch", self.out_dir)
-            _seed_everything(cfg.seed + self.rank)
+            seed_everything(cfg.seed + self.rank)
         if self.history.stopped_early:
             logger.info("the checkpointed run already stopped early; nothing to do")
             return self.history
@@ -281,7 +184,7 @@ class Trainer:
 
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.perf_counter()
-            _set_epoch(train_loader, epoch)
+            set_epoch(train_loader, epoch)
             lr = float(self.optimizer.param_groups[0]["lr"])
             record: dict[str, Any] = {"epoch": epoch + 1, "lr": lr}
             record.update(self._train_epoch(train_loader, epoch))
@@ -354,6 +257,7 @@ class Trainer:
 
     _eta_done = False  # the time estimate is printed once per Trainer
 
+    # long: the hot loop (accumulation, DDP no_sync, AMP scaling) reads best as one pass
     def _train_epoch(self, loader: Iterable[Any], epoch: int) -> dict[str, float]:
         cfg = self.config
         accum = cfg.grad_accum
@@ -383,9 +287,9 @@ class Trainer:
         )
         t_epoch = time.perf_counter()
         try:
-            for index, batch, is_last in _lookahead(loader, cap):
+            for index, batch, is_last in lookahead(loader, cap):
                 sync = pending + 1 == accum or is_last
-                batch = _to_device(batch, self.device, non_blocking)
+                batch = to_device(batch, self.device, non_blocking)
                 ctx = self._context(epoch, index, training=True)
                 no_sync = (
                     self.model.no_sync()
@@ -395,7 +299,7 @@ class Trainer:
                 with no_sync:
                     with ctx.autocast():
                         loss, terms = self.step_fn(self.model, batch, ctx)
-                    values = _term_values(loss, terms)
+                    values = term_values(loss, terms)
                     if not math.isfinite(values["loss"]):
                         raise NonFiniteLossError(
                             f"non-finite training loss at epoch {epoch + 1}, mini-batch "
@@ -421,13 +325,13 @@ class Trainer:
                 bar.update(1)
                 if index + 1 == ETA_BATCHES and total and self.is_main and not self._eta_done:
                     self._eta_done = True
-                    _log_eta(time.perf_counter() - t_epoch, index + 1, total, cfg.epochs - epoch)
+                    log_eta(time.perf_counter() - t_epoch, index + 1, total, cfg.epochs - epoch)
                 if not bar.disable:
                     bar.set_postfix({k: f"{sums[k] / counts[k]:.4g}" for k in sums}, refresh=False)
                 if (index + 1) % cfg.log_every == 0 and not is_last:
                     means = {k: sums[k] / counts[k] for k in sums}
                     if cfg.quiet and self.is_main:
-                        logger.info("epoch %d batch %d: %s", epoch + 1, index + 1, _fmt(means))
+                        logger.info("epoch %d batch %d: %s", epoch + 1, index + 1, fmt(means))
         finally:
             bar.close()
         if not sums:
@@ -510,17 +414,17 @@ class Trainer:
             "epoch %d/%d: %s%s",
             record["epoch"],
             self.config.epochs,
-            _fmt(shown),
+            fmt(shown),
             " (best)" if improved else "",
         )
 
     # -- checkpoints --------------------------------------------------------------------
     def _save_checkpoint(self, epochs_done: int) -> None:
-        rng = dist_utils.all_gather_object(_rng_state())
+        rng = dist_utils.all_gather_object(rng_state())
         if not self.is_main:
             return
         state = {
-            "format": _CHECKPOINT_FORMAT,
+            "format": CHECKPOINT_FORMAT,
             "epoch": epochs_done,
             "global_step": self.global_step,
             "model": self.module.state_dict(),
@@ -543,22 +447,7 @@ class Trainer:
 
     def _load_checkpoint(self) -> int:
         path = self.checkpoint_path
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # corrupt / foreign file: say which and what to do
-            raise CelltuneError(
-                f"cannot resume from {path}: {err}; delete it to start from scratch"
-            ) from err
-        if not isinstance(state, dict) or state.get("format") != _CHECKPOINT_FORMAT:
-            raise CelltuneError(
-                f"{path} is not a celltune training checkpoint; delete it or use another --out"
-            )
-        if state["select_metric"] != self.select_metric:
-            raise InputError(
-                f"the checkpoint selected models on {state['select_metric']!r} but this run "
-                f"selects on {self.select_metric!r}; use the same select_metric to resume"
-            )
-        _check_fingerprint(state.get("fingerprint") or {}, self.fingerprint, path)
+        state = read_checkpoint(path, self.select_metric, self.fingerprint)
         changed = {
             k: (v, getattr(self.config, k, None))
             for k, v in state["config"].items()
@@ -581,7 +470,7 @@ class Trainer:
         self._bad_epochs = int(state["bad_epochs"])
         rng = state["rng"]
         if len(rng) == self.world_size:
-            _set_rng_state(rng[self.rank])
+            set_rng_state(rng[self.rank])
         else:
             logger.warning(
                 "checkpoint was written by %d processes, this run has %d: random streams "
@@ -589,211 +478,23 @@ class Trainer:
                 len(rng),
                 self.world_size,
             )
-            _seed_everything(self.config.seed + self.rank + 1_000_003 * int(state["epoch"]))
+            seed_everything(self.config.seed + self.rank + 1_000_003 * int(state["epoch"]))
         epoch = int(state["epoch"])
         if self.is_main:
             logger.info("resumed from %s after epoch %d", path, epoch)
         return epoch
 
 
-# -- helpers (module-private) ------------------------------------------------------------
-def _check_fingerprint(saved: Mapping[str, Any], now: Mapping[str, Any], path: Path) -> None:
-    """Refuse a resume whose input or vocabulary differs from the checkpointed run's."""
-    differ = [k for k in sorted(set(saved) & set(now)) if saved[k] != now[k]]
-    if differ:
-        detail = "; ".join(f"{k}: {saved[k]} → {now[k]}" for k in differ)
-        raise InputError(
-            f"cannot resume from {path}: the input differs from the checkpointed run's "
-            f"({detail}); resume with the original input file, or start a new run in "
-            "another --out directory"
-        )
-
-
-def input_fingerprint(adata: Any, vocab: Any = None) -> dict[str, Any]:
-    """Shape, file, name hashes of an AnnData and a hash of the vocabulary, for resume checks."""
-    import hashlib
-    import os
-
-    def digest(names: Iterable[Any]) -> str:
-        h = hashlib.sha256()
-        for n in names:
-            h.update(str(n).encode("utf-8") + b"\0")
-        return h.hexdigest()[:16]
-
-    fp: dict[str, Any] = {
-        "shape": [int(adata.n_obs), int(adata.n_vars)],
-        "obs_names": digest(adata.obs_names),
-        "var_names": digest(adata.var_names),
-    }
-    filename = getattr(adata, "filename", None)
-    if filename:
-        fp["file"] = str(os.path.abspath(filename))
-        fp["file_size"] = os.path.getsize(filename)
-    if vocab is not None:
-        mapping = getattr(vocab, "token_to_id", vocab)
-        mapping = mapping() if callable(mapping) else mapping
-        fp["vocab"] = digest(f"{k}={v}" for k, v in sorted(dict(mapping).items()))
-    return fp
-
-
-def make_loader(
-    dataset: torch.utils.data.Dataset[Any],
-    config: TrainConfig,
-    *,
-    collate_fn: Callable[[list[Any]], Any] | None = None,
-    batch_sampler: Iterable[list[int]] | None = None,
-    shuffle: bool = False,
-    drop_last: bool = False,
-    eval: bool = False,
-    device: torch.device | None = None,
-) -> torch.utils.data.DataLoader[Any]:
-    """A DataLoader with the config's workers / pinned memory and DDP sharding.
-
-    Workers are not persistent on purpose: the dataset and collate_fn are re-sent to them
-    every epoch, so ``set_epoch`` (per-epoch masks) reaches the workers. Without a
-    ``batch_sampler``, a ``DistributedSampler`` shards the data when running under DDP.
-    """
-    device = device or config.resolve_device(dist_utils.local_rank())
-    common: dict[str, Any] = {
-        "collate_fn": collate_fn,
-        "num_workers": config.num_workers,
-        "pin_memory": config.resolve_pin_memory(device),
-    }
-    if batch_sampler is not None:
-        return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, **common)
-    batch_size = (config.eval_batch_size or config.batch_size) if eval else config.batch_size
-    sampler = None
-    if dist_utils.world_size() > 1:
-        sampler = torch.utils.data.DistributedSampler(
-            dataset,
-            num_replicas=dist_utils.world_size(),
-            rank=dist_utils.rank(),
-            shuffle=shuffle,
-            seed=config.seed,
-            drop_last=drop_last,
-        )
-        shuffle = False
-    return torch.utils.data.DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        sampler=sampler,
-        drop_last=drop_last,
-        **common,
-    )
-
-
-def _lookahead(loader: Iterable[Any], cap: int | None) -> Iterator[tuple[int, Any, bool]]:
-    """Yield ``(index, batch, is_last)``: the loop must know the last mini-batch to step on a
-    short final accumulation group (and to sync DDP gradients there), even when the loader
-    has no ``len``. Stops after ``cap`` mini-batches without fetching another one."""
-    end = object()
-    it = iter(loader)
-    nxt = next(it, end)
-    index = 0
-    while nxt is not end:
-        batch = nxt
-        nxt = end if cap is not None and index + 1 >= cap else next(it, end)
-        yield index, batch, nxt is end
-        index += 1
-
-
-def _set_epoch(loader: Any, epoch: int) -> None:
-    """Tell samplers, dataset and collate_fn the epoch (they redraw shuffles / masks)."""
-    batch_sampler = getattr(loader, "batch_sampler", None)
-    candidates = [
-        loader,
-        batch_sampler,
-        getattr(batch_sampler, "sampler", None),  # torch BatchSampler wrapping a sampler
-        getattr(loader, "sampler", None),
-        getattr(loader, "dataset", None),
-        getattr(loader, "collate_fn", None),
-    ]
-    seen: set[int] = set()
-    for obj in candidates:
-        if obj is None or id(obj) in seen:
-            continue
-        seen.add(id(obj))
-        setter = getattr(obj, "set_epoch", None)
-        if callable(setter):
-            setter(epoch)
-
-
-def _to_device(batch: Any, device: torch.device, non_blocking: bool) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=non_blocking)
-    if isinstance(batch, Mapping):
-        return {k: _to_device(v, device, non_blocking) for k, v in batch.items()}
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
-        return type(batch)(*(_to_device(v, device, non_blocking) for v in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(v, device, non_blocking) for v in batch)
-    return batch
-
-
-def _term_values(loss: torch.Tensor, terms: Mapping[str, Any]) -> dict[str, float]:
-    """Scalars for logging: ``loss`` first, then the task's terms (tensors → floats)."""
-    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-        raise TypeError(
-            "step_fn must return (loss, terms) with loss a scalar tensor, got "
-            + (f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else "")
-            + ("" if isinstance(loss, torch.Tensor) else type(loss).__name__)
-        )
-    values = {"loss": float(loss.detach())}
-    for key, value in terms.items():
-        if key in ("loss", "train/loss"):
-            continue
-        values[key] = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
-    return values
-
-
-def _fmt(values: Mapping[str, Any]) -> str:
-    return ", ".join(
-        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()
-    )
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _rng_state() -> dict[str, Any]:
-    """RNG states in a form ``torch.load(weights_only=True)`` accepts (no numpy arrays)."""
-    np_state = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": {
-            "keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
-            "pos": int(np_state[2]),
-            "has_gauss": int(np_state[3]),
-            "cached_gaussian": float(np_state[4]),
-        },
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def _set_rng_state(state: Mapping[str, Any]) -> None:
-    random.setstate(_as_tuple(state["python"]))
-    np_state = state["numpy"]
-    np.random.set_state(
-        (
-            "MT19937",
-            np_state["keys"].numpy().astype(np.uint32),
-            np_state["pos"],
-            np_state["has_gauss"],
-            np_state["cached_gaussian"],
-        )
-    )
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _as_tuple(value: Any) -> Any:
-    """``random.setstate`` needs tuples; a round trip may have turned them into lists."""
-    if isinstance(value, (list, tuple)):
-        return tuple(_as_tuple(v) for v in value)
-    return value
+__all__ = [
+    "BEST_STATE_NAME",
+    "CHECKPOINT_NAME",
+    "HISTORY_NAME",
+    "EvalFn",
+    "History",
+    "NonFiniteLossError",
+    "StepContext",
+    "StepFn",
+    "Trainer",
+    "input_fingerprint",
+    "make_loader",
+]

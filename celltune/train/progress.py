@@ -1,0 +1,50 @@
+"""What the training loop logs: the step's loss terms, the time estimate, epoch lines."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+logger = logging.getLogger("celltune.train.loop")  # the loop's messages keep its logger name
+
+#: Mini-batches timed before the run's training time is estimated.
+ETA_BATCHES = 5
+
+
+def log_eta(elapsed: float, done: int, per_epoch: int, epochs_left: int) -> None:
+    """Print the training time estimated from the first mini-batches (warn past 15 min),
+    so a run that would take hours says so in its first minute, not at its end."""
+    seconds = elapsed / done * per_epoch * epochs_left
+    msg = (
+        f"estimated training time: {seconds / 60:.1f} min ({per_epoch} mini-batches/epoch x "
+        f"{epochs_left} epoch(s) at {elapsed / done:.2f} s each, validation not included)"
+    )
+    if seconds > 15 * 60:
+        logger.warning("%s; for a quicker run lower --epochs or the model size", msg)
+    else:
+        logger.info(msg)
+
+
+def term_values(loss: torch.Tensor, terms: Mapping[str, Any]) -> dict[str, float]:
+    """Scalars for logging: ``loss`` first, then the task's terms (tensors → floats)."""
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise TypeError(
+            "step_fn must return (loss, terms) with loss a scalar tensor, got "
+            + (f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else "")
+            + ("" if isinstance(loss, torch.Tensor) else type(loss).__name__)
+        )
+    values = {"loss": float(loss.detach())}
+    for key, value in terms.items():
+        if key in ("loss", "train/loss"):
+            continue
+        values[key] = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+    return values
+
+
+def fmt(values: Mapping[str, Any]) -> str:
+    return ", ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()
+    )
