@@ -117,26 +117,8 @@ class StreamingCellDataset(IterableDataset):
             raise InputError(f"n_bins must be >= 2 or None (pre-binned layer), got {n_bins}")
         self.source = open_source(source, layer)
         n_obs, n_vars = self.source.shape
-        if var_subset is None:
-            self.var_subset: np.ndarray | None = None
-            n_genes = n_vars
-        else:
-            vs = np.asarray(var_subset)
-            if vs.dtype == bool:
-                if vs.shape != (n_vars,):
-                    raise InputError(
-                        f"boolean var_subset has {vs.size:,} entries, the file has {n_vars:,} "
-                        "genes; pass one flag per gene (or column indices)"
-                    )
-                vs = np.flatnonzero(vs)
-            vs = vs.astype(np.int64)
-            if vs.size == 0 or vs.min() < 0 or vs.max() >= n_vars:
-                raise InputError(
-                    f"var_subset must hold column indices in [0, {n_vars}) (got {vs.size:,} "
-                    "entries); select at least one gene of the file"
-                )
-            self.var_subset = None if np.array_equal(vs, np.arange(n_vars)) else vs
-            n_genes = vs.size
+        self.var_subset = _check_var_subset(var_subset, n_vars)
+        n_genes = n_vars if self.var_subset is None else self.var_subset.size
         self.gene_ids = np.asarray(gene_ids, dtype=np.int64)
         if self.gene_ids.shape != (n_genes,):
             raise InputError(
@@ -145,40 +127,17 @@ class StreamingCellDataset(IterableDataset):
             )
         if not (self.gene_ids >= 0).any():
             raise InputError("no streamed gene is in the vocabulary (all gene_ids are -1)")
-        if rows is None:
-            self.rows: np.ndarray | None = None
-            n = n_obs
-        else:
-            r = np.asarray(rows, dtype=np.int64)
-            if r.size == 0:
-                raise InputError("rows is empty: select at least one cell")
-            if r.min() < 0 or r.max() >= n_obs or (r.size > 1 and (np.diff(r) <= 0).any()):
-                raise InputError(
-                    f"rows must be strictly increasing row numbers in [0, {n_obs:,}); "
-                    "sort them (np.unique) first"
-                )
-            self.rows = r
-            n = r.size
+        self.rows = _check_rows(rows, n_obs)
+        n = n_obs if self.rows is None else self.rows.size
         self.n_rows = int(n)
 
-        if batch_key is not None:
-            codes, self.batch_categories = self.source.obs_codes(
-                batch_key, batch_categories, "batch labels (batch_key)"
-            )
-            self.batch_labels: np.ndarray = codes if self.rows is None else codes[self.rows]
-        else:
-            self.batch_labels = np.zeros(n, dtype=np.int8)
-            self.batch_categories = []
-        if label_key is not None:
-            codes, self.label_categories = self.source.obs_codes(
-                label_key, label_categories, "cell-type labels (label_key)"
-            )
-            self.celltype_labels: np.ndarray | None = (
-                codes if self.rows is None else codes[self.rows]
-            )
-        else:
-            self.celltype_labels = None
-            self.label_categories = []
+        labels, self.batch_categories = self._codes(
+            batch_key, batch_categories, "batch labels (batch_key)"
+        )
+        self.batch_labels: np.ndarray = np.zeros(n, dtype=np.int8) if labels is None else labels
+        self.celltype_labels, self.label_categories = self._codes(
+            label_key, label_categories, "cell-type labels (label_key)"
+        )
         self.batch_key = batch_key
         self.batch_size = int(batch_size)
         self.chunk_size = int(chunk_size)
@@ -196,6 +155,15 @@ class StreamingCellDataset(IterableDataset):
         self.epoch = 0
         self._len_cache: tuple[tuple[int, int, int], int] | None = None
         self.source.close()  # opened again lazily, in whichever process iterates
+
+    def _codes(
+        self, key: str | None, categories: Sequence[Any] | None, purpose: str
+    ) -> tuple[np.ndarray | None, list[Any]]:
+        """Codes of an obs column for this dataset's rows (None, [] without a key)."""
+        if key is None:
+            return None, []
+        codes, cats = self.source.obs_codes(key, categories, purpose)
+        return (codes if self.rows is None else codes[self.rows]), cats
 
     # -- properties --------------------------------------------------------------------
     @property
@@ -344,6 +312,43 @@ class StreamingCellDataset(IterableDataset):
 
 
 # ----------------------------------------------------------------------------- helpers
+def _check_var_subset(var_subset: Any, n_vars: int) -> np.ndarray | None:
+    """Column indices (or one flag per column) as int64 indices in the given order;
+    ``None`` for all columns in order."""
+    if var_subset is None:
+        return None
+    vs = np.asarray(var_subset)
+    if vs.dtype == bool:
+        if vs.shape != (n_vars,):
+            raise InputError(
+                f"boolean var_subset has {vs.size:,} entries, the file has {n_vars:,} "
+                "genes; pass one flag per gene (or column indices)"
+            )
+        vs = np.flatnonzero(vs)
+    vs = vs.astype(np.int64)
+    if vs.size == 0 or vs.min() < 0 or vs.max() >= n_vars:
+        raise InputError(
+            f"var_subset must hold column indices in [0, {n_vars}) (got {vs.size:,} "
+            "entries); select at least one gene of the file"
+        )
+    return None if np.array_equal(vs, np.arange(n_vars)) else vs
+
+
+def _check_rows(rows: Any, n_obs: int) -> np.ndarray | None:
+    """Strictly increasing row numbers of the source (``None``: all rows)."""
+    if rows is None:
+        return None
+    r = np.asarray(rows, dtype=np.int64)
+    if r.size == 0:
+        raise InputError("rows is empty: select at least one cell")
+    if r.min() < 0 or r.max() >= n_obs or (r.size > 1 and (np.diff(r) <= 0).any()):
+        raise InputError(
+            f"rows must be strictly increasing row numbers in [0, {n_obs:,}); "
+            "sort them (np.unique) first"
+        )
+    return r
+
+
 def read_cells(
     path: str | os.PathLike[str] | CellSource,
     rows: Sequence[int] | np.ndarray,

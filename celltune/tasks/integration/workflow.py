@@ -124,22 +124,9 @@ def integrate(
     )
     main = dist_utils.is_main_process()
     if inputs.embed_on_every_rank or main:
-        split = np.full(inputs.n_cells(), "train", dtype=object)
-        split[split_idx[1]] = "valid"
-        emb = inputs.embed(model, trainer.device, out)
-        outs = inputs.outputs(emb, genes, split)
-        result.adata, result.processed = outs.adata, outs.processed
-        result.adata.uns["celltune"] = {
-            "integration": {
-                **task_info,
-                **outs.extra_record,
-                **_history_record(history, train_seconds),
-            }
-        }
-        if out_dir is not None and main:
-            result.files = _write_outputs(result, task_info, trainer, out)
-        del emb
-        inputs.cleanup(out)
+        run = _history_record(history, train_seconds)
+        write = out_dir is not None and main
+        _embed_and_write(inputs, result, genes, split_idx, trainer, (task_info, run), out, write)
     else:  # a streamed run: rank 0 alone embeds and writes
         result.adata, result.processed = inputs.placeholder(), inputs.placeholder()
     if tmp_dir is not None:
@@ -162,6 +149,32 @@ def integrate_file(
     cfg = resolve_config(config)
     cfg.data.stream = True
     return integrate(Path(path), cfg, out_dir, resume=resume)
+
+
+def _embed_and_write(
+    inputs: RunInputs,
+    result: IntegrationResult,
+    genes: Genes,
+    split_idx: tuple[np.ndarray, np.ndarray],
+    trainer: Any,
+    records: tuple[dict[str, Any], dict[str, Any]],
+    out: Path,
+    write: bool,
+) -> None:
+    """Embed every cell, fill ``result`` (adata, processed, ``uns['celltune']`` from the
+    task record and the training record) and, with ``write``, write ``model/`` and
+    ``integrated.h5ad``."""
+    split = np.full(inputs.n_cells(), "train", dtype=object)
+    split[split_idx[1]] = "valid"
+    emb = inputs.embed(result.model, trainer.device, out)
+    outs = inputs.outputs(emb, genes, split)
+    result.adata, result.processed = outs.adata, outs.processed
+    task_info, run = records
+    result.adata.uns["celltune"] = {"integration": {**task_info, **outs.extra_record, **run}}
+    if write:
+        result.files = _write_outputs(result, task_info, trainer, out)
+    del emb
+    inputs.cleanup(out)
 
 
 def _log_split(
