@@ -46,15 +46,24 @@ logger = logging.getLogger("celltune.tasks.integration")
 def open_inputs(
     data: AnnData | CellSource | str | os.PathLike[str], cfg: IntegrationConfig
 ) -> RunInputs:
-    """The run's inputs for ``data``: an AnnData (or ``AnnDataSource``) in memory; a path is
-    streamed with ``data.stream`` (a ``StoreSource``), else read into memory."""
+    """The run's inputs for ``data``: an AnnData (or ``AnnDataSource``) in memory; a path
+    (``.h5ad`` or ``.zarr``) is streamed with ``data.stream`` (a ``StoreSource``), else
+    read into memory."""
     from celltune.data import io
     from celltune.data.source import AnnDataSource, StoreSource
     from celltune.tasks.integration.memory import InMemoryInputs
     from celltune.tasks.integration.stream import StreamedInputs
 
     if isinstance(data, (str, os.PathLike)):
-        data = StoreSource(data, cfg.data.layer) if cfg.data.stream else io.read_h5ad(data)
+        if cfg.data.stream:
+            data = StoreSource(data, cfg.data.layer)
+        elif Path(data).is_dir():  # a .zarr store (StoreSource names what else it may be)
+            import anndata
+
+            StoreSource(data).close()
+            data = anndata.read_zarr(data)
+        else:
+            data = io.read_h5ad(data)
     if isinstance(data, StoreSource):
         return StreamedInputs(data, cfg)
     if not isinstance(data, AnnDataSource):
