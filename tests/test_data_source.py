@@ -150,3 +150,22 @@ def test_streaming_gives_the_same_cells_from_every_source(
     assert len(ref) == kang.n_obs
     assert items(zarr_path) == ref
     assert items(AnnDataSource(kang)) == ref
+
+
+@pytest.mark.e2e
+def test_integrate_streams_a_zarr_store_like_the_h5ad(kang_stim_path: Path, zarr_path) -> None:
+    """The one workflow over a StoreSource: .zarr and .h5ad give the same run."""
+    from celltune.tasks.integration import EMBEDDING_KEY, integrate_file
+
+    cfg = {
+        "data": {"batch_key": "batch", "max_cells": 200, "n_hvg": 50, "chunk_size": 64},
+        "model": {"d_model": 16, "d_hid": 16, "nlayers": 1},
+        "train": {"epochs": 1, "batch_size": 32, "quiet": True},
+    }
+    a = integrate_file(kang_stim_path, cfg)
+    b = integrate_file(zarr_path, cfg)
+    assert list(a.adata.obs_names) == list(b.adata.obs_names)
+    assert list(a.adata.var_names[a.adata.var["celltune_hvg"]]) == list(
+        b.adata.var_names[b.adata.var["celltune_hvg"]]
+    )
+    np.testing.assert_allclose(a.adata.obsm[EMBEDDING_KEY], b.adata.obsm[EMBEDDING_KEY], atol=1e-5)

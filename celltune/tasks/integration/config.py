@@ -65,7 +65,7 @@ class DataSection:
     min_batch_cells: int = 20
     max_cells: int | None = None
     # Streaming from the on-disk file (``--stream``): rows are read chunk by chunk, so
-    # memory does not grow with the number of cells (see integration_stream).
+    # memory does not grow with the number of cells (see tasks/integration/stream.py).
     stream: bool = False
     stream_sample_cells: int = 50_000
     chunk_size: int = 1024
