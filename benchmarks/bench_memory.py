@@ -2,7 +2,7 @@
 
 The real 12,261-cell, 8-donor Kang PBMC file is replicated 1×, 10×, 50× and 100× (up to
 1.23M cells) into sparse CSR ``.h5ad`` files in a cache directory (written once, chunk by
-chunk, with :func:`celltune.data.streaming.replicate_h5ad`). For every size, a fresh
+chunk, with :func:`celltune.data.replicate.replicate_h5ad`). For every size, a fresh
 subprocess measures its peak resident memory (``ru_maxrss``) while it
 
 - ``stream-train``: opens the file with :class:`~celltune.data.streaming.StreamingCellDataset`

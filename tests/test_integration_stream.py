@@ -29,10 +29,11 @@ from celltune.tasks.integration import (
     EMBEDDING_KEY,
     IntegrationConfig,
     embed,
+    embed_file,
+    integrate_file,
     preprocess_config,
     stratified_split,
 )
-from celltune.tasks.integration_stream import embed_file, integrate_file
 
 TINY = {
     "data.batch_key": "batch",

@@ -247,7 +247,7 @@ def embed_cmd(
 
     check_out_not_input(out, [data])
     if stream:
-        from celltune.tasks.integration_stream import embed_file
+        from celltune.tasks.integration import embed_file
 
         embed_file(
             data,

@@ -24,6 +24,10 @@ _EXPORTS = {
     "PreprocessConfig": "preprocess",
     "preprocess": "preprocess",
     "BatchAwareSampler": "sampler",
+    "AnnDataSource": "source",
+    "CellSource": "source",
+    "StoreSource": "source",
+    "open_source": "source",
     "GeneMatch": "vocab",
     "GeneVocab": "vocab",
 }

@@ -1,4 +1,4 @@
-"""Train and embed straight from an on-disk ``.h5ad``: bounded memory at any number of cells.
+"""Train and embed from a file on disk (``.h5ad``/``.zarr``): bounded memory at any size.
 
 The in-memory path (:class:`~celltune.data.dataset.CellDataset`) holds the whole binned
 matrix; scGPT's reference holds a dense copy plus dense token tensors, so its memory grows
@@ -8,19 +8,11 @@ read from the file a window of chunks at a time, binned and handed to the usual
 :class:`~celltune.data.dataset.TokenCollator`. Peak memory is set by ``chunk_size ×
 buffer_chunks`` rows, not by the dataset.
 
-An epoch, for every process alike (all draws come from ``seed`` and the epoch only):
-
-1. the rows are cut into contiguous chunks of ``chunk_size`` rows (contiguous on disk, so
-   one read per chunk); the chunk order is shuffled;
-2. rank ``r`` of ``R`` (DDP) takes chunks ``r, r + R, ...``: ranks never overlap;
-3. a rank's chunks are grouped ``buffer_chunks`` at a time into windows; inside a window
-   the rows are shuffled, grouped by batch label (so every mini-batch holds one batch, as
-   DSBN needs) and cut into mini-batches, whose order is shuffled (a bounded shuffle
-   buffer of ``chunk_size × buffer_chunks`` rows);
-4. DataLoader worker ``w`` of ``W`` takes its rank's windows ``w, w + W, ...`` and opens its
-   own HDF5 handle;
-5. with ``even_batches`` (the default under DDP) ranks with fewer mini-batches repeat their
-   first ones so every rank steps the same number of times (as ``DistributedSampler``).
+Rows come from a :class:`~celltune.data.source.CellSource` (``.h5ad``/``.zarr`` on disk
+through anndata's readers, or an AnnData). The epoch plan (contiguous chunks, batch-aware
+shuffle windows, DDP rank and worker shards, even batches) is
+:func:`celltune.data.windows.plan_epoch`; DataLoader worker ``w`` of ``W`` takes its
+rank's windows ``w, w + W, ...`` and opens its own file handle.
 
 Binning uses :func:`celltune.data.binning.bin_matrix` on each window with the cells'
 stable keys, so a cell bins identically to the in-memory path whatever window, worker or
@@ -41,359 +33,40 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 import scipy.sparse as sp
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from celltune.data.binning import bin_matrix, cell_keys
-from celltune.data.io import check_h5ad_path
+from celltune.data.replicate import replicate_h5ad
+from celltune.data.source import CellSource, StoreSource, open_source, sample_rows
+from celltune.data.windows import (
+    Window,
+    dist_rank,
+    dist_world_size,
+    effective_chunk_size,
+    plan_epoch,
+)
 from celltune.errors import InputError
 
 if TYPE_CHECKING:
-    import h5py
     from anndata import AnnData
 
 logger = logging.getLogger(__name__)
 
-#: Mixed into every planning RNG so streaming draws never collide with other consumers of
-#: ``default_rng([seed, epoch, ...])`` (masks use ``[seed, epoch, cell_key]``).
-_PLAN_TAG = 0x57AE
-
-
-# ----------------------------------------------------------------------------- the file
-class H5adSource:
-    """Read-only access to one matrix of an ``.h5ad`` file by row ranges, via h5py.
-
-    Only metadata is read up front (shape, encoding); rows are read on demand. The h5py
-    handle is opened lazily and never pickled, so each DataLoader worker (a separate
-    process) opens its own — HDF5 handles must not be shared across ``fork``.
-    """
-
-    def __init__(self, path: str | os.PathLike[str], layer: str | None = None) -> None:
-        self._file: h5py.File | None = None
-        self.path = Path(path)
-        self.layer = layer
-        check_h5ad_path(self.path, "; streaming needs an .h5ad on disk")
-        try:
-            self._read_layout(layer)
-        except BaseException:
-            self.close()
-            raise
-
-    def _read_layout(self, layer: str | None) -> None:
-        f = self.file
-        if "obs" not in f or "var" not in f:
-            raise InputError(
-                f"{self.path} is an HDF5 file but not an AnnData .h5ad (no obs/var groups); "
-                "write it with anndata (adata.write_h5ad)"
-            )
-        if layer is None:
-            if "X" not in f:
-                raise InputError(f"{self.path} has no X matrix; choose a layer (layer=...)")
-            node = f["X"]
-            where = "X"
-        else:
-            layers = list(f["layers"].keys()) if "layers" in f else []
-            if layer not in layers:
-                raise InputError(
-                    f"layer {layer!r} not found in {self.path}; available layers: "
-                    f"{', '.join(map(repr, layers)) or '(none)'} (layer=None uses X)"
-                )
-            node = f["layers"][layer]
-            where = f"layers/{layer}"
-        self.where = where
-        enc = _attr_str(node.attrs.get("encoding-type", ""))
-        if enc == "csr_matrix":
-            self.kind = "csr"
-            self.shape = tuple(int(s) for s in node.attrs["shape"])
-        elif enc == "csc_matrix":
-            raise InputError(
-                f"{where} of {self.path} is stored as CSC (column-major): rows cannot be read "
-                "without loading the whole matrix. Rewrite it as CSR once, e.g. "
-                "adata.X = adata.X.tocsr(); adata.write_h5ad(path)"
-            )
-        elif hasattr(node, "shape") and len(node.shape) == 2:
-            self.kind = "dense"
-            self.shape = tuple(int(s) for s in node.shape)
-        else:
-            raise InputError(
-                f"{where} of {self.path} has an unsupported encoding {enc!r}; streaming reads "
-                "CSR sparse or dense matrices"
-            )
-        if self.shape[0] == 0:
-            raise InputError(f"{self.path} has no cells; check the input file")
-        self._index_name = _attr_str(f["obs"].attrs.get("_index", "_index"))
-
-    # -- handle management (worker safety) ---------------------------------------------
-    @property
-    def file(self) -> h5py.File:
-        """This process's handle (opened on first use, read-only)."""
-        if self._file is None:
-            import h5py
-
-            self._file = h5py.File(self.path, "r")
-        return self._file
-
-    def close(self) -> None:
-        """Close this process's handle (reopened on the next read)."""
-        if getattr(self, "_file", None) is not None:
-            with contextlib.suppress(Exception):
-                self._file.close()
-            self._file = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_file"] = None  # every process opens its own handle
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-
-    def __del__(self) -> None:
-        self.close()
-
-    # -- metadata ----------------------------------------------------------------------
-    @property
-    def n_obs(self) -> int:
-        return self.shape[0]
-
-    @property
-    def n_vars(self) -> int:
-        return self.shape[1]
-
-    def var_names(self) -> pd.Index:
-        """Gene names (small: read whole)."""
-        var = self.file["var"]
-        name = _attr_str(var.attrs.get("_index", "_index"))
-        return pd.Index(_read_strings(var[name], 0, var[name].shape[0]))
-
-    def var_column(self, key: str) -> pd.Series:
-        """A ``var`` column (e.g. gene symbols when ``var_names`` are Ensembl ids)."""
-        from anndata.io import read_elem
-
-        var = self.file["var"]
-        if key not in var:
-            cols = [c for c in var if c != _attr_str(var.attrs.get("_index", "_index"))]
-            raise InputError(
-                f"var column {key!r} not found in {self.path}; available: "
-                f"{', '.join(map(repr, cols)) or '(none)'}"
-            )
-        return pd.Series(read_elem(var[key]))
-
-    def obs_names(self, start: int, stop: int) -> np.ndarray:
-        """Cell names of rows ``start:stop`` (read from disk, never held for all cells)."""
-        return _read_strings(self.file["obs"][self._index_name], start, stop)
-
-    def obs_keys(self) -> list[str]:
-        obs = self.file["obs"]
-        return [k for k in obs if k != self._index_name]
-
-    def obs_codes(
-        self, key: str, categories: Sequence[Any] | None, purpose: str
-    ) -> tuple[np.ndarray, list[Any]]:
-        """Integer codes of an obs column (compact dtype) and their category order.
-
-        Same convention as ``CellDataset``: the given ``categories``; else a categorical
-        column's own categories; else the sorted unique values.
-        """
-        obs = self.file["obs"]
-        if key not in obs:
-            raise InputError(
-                f"obs column {key!r} (needed for {purpose}) not found in {self.path}; "
-                f"available obs columns: {', '.join(map(repr, self.obs_keys())) or '(none)'}"
-            )
-        node = obs[key]
-        if _attr_str(node.attrs.get("encoding-type", "")) == "categorical":
-            codes = np.asarray(node["codes"][:])
-            own = list(_read_strings(node["categories"], 0, node["categories"].shape[0]))
-            if (codes < 0).any():
-                raise InputError(
-                    f"obs column {key!r} (needed for {purpose}) has "
-                    f"{int((codes < 0).sum()):,} missing values; fill or drop those cells"
-                )
-            if categories is None:
-                return codes, own
-            cats = list(categories)
-            lookup = {str(c): i for i, c in enumerate(cats)}
-            remap = np.array([lookup.get(str(c), -1) for c in own], dtype=np.int64)
-            if (remap[np.unique(codes)] < 0).any():
-                unknown = sorted({own[c] for c in np.unique(codes) if remap[c] < 0})[:10]
-                raise InputError(
-                    f"obs column {key!r} has values not in the given categories: {unknown}; "
-                    "pass categories that include them or drop those cells"
-                )
-            return _compact(remap[codes]), cats
-        from anndata.io import read_elem
-
-        col = pd.Series(np.asarray(read_elem(node)))
-        if col.isna().any():
-            raise InputError(
-                f"obs column {key!r} (needed for {purpose}) has {int(col.isna().sum()):,} "
-                "missing values; fill or drop those cells"
-            )
-        if categories is None:
-            cat = col.astype(str).astype("category")
-            return _compact(np.asarray(cat.cat.codes)), list(cat.cat.categories)
-        cats = list(categories)
-        codes = pd.Categorical(col.astype(str), categories=[str(c) for c in cats]).codes
-        if (codes < 0).any():
-            unknown = sorted({str(v) for v in col[codes < 0]})[:10]
-            raise InputError(
-                f"obs column {key!r} has values not in the given categories: {unknown}; "
-                "pass categories that include them or drop those cells"
-            )
-        return _compact(np.asarray(codes)), cats
-
-    # -- rows --------------------------------------------------------------------------
-    def read_rows(self, start: int, stop: int) -> sp.csr_matrix:
-        """Rows ``start:stop`` as CSR float32 (one contiguous read; dense rows sparsified)."""
-        node = self.file[self.where]
-        n = stop - start
-        if self.kind == "dense":
-            block = np.asarray(node[start:stop], dtype=np.float32)
-            return sp.csr_matrix(block)
-        ip = np.asarray(node["indptr"][start : stop + 1], dtype=np.int64)
-        a, b = int(ip[0]), int(ip[-1])
-        data = np.asarray(node["data"][a:b], dtype=np.float32)
-        indices = np.asarray(node["indices"][a:b], dtype=np.int32)
-        return sp.csr_matrix((data, indices, ip - a), shape=(n, self.n_vars))
-
-
-# ----------------------------------------------------------------------------- planning
-@dataclass
-class Window:
-    """One shuffle buffer: the mini-batches (positions into the dataset's rows) it yields."""
-
-    window_id: int
-    batches: list[np.ndarray]
-    padding: bool = False
-
-
-def plan_epoch(
-    batch_labels: np.ndarray | None,
-    n_rows: int,
-    *,
-    batch_size: int,
-    chunk_size: int,
-    buffer_chunks: int,
-    shuffle: bool,
-    seed: int,
-    epoch: int,
-    num_replicas: int = 1,
-    rank: int = 0,
-    drop_last: bool = False,
-    even_batches: bool = True,
-) -> list[Window]:
-    """The windows (and their mini-batches) of one rank for one epoch; metadata only.
-
-    Pure index arithmetic on the batch labels, so every rank and worker computes the same
-    global plan without reading expression data. ``batch_labels=None`` forms mini-batches
-    without regard to batch (embedding). See the module docstring for the scheme.
-    """
-    per_rank = [
-        _rank_windows(
-            batch_labels,
-            n_rows,
-            batch_size,
-            chunk_size,
-            buffer_chunks,
-            shuffle,
-            seed,
-            epoch,
-            num_replicas,
-            r,
-            drop_last,
-        )
-        for r in (range(num_replicas) if even_batches and num_replicas > 1 else [rank])
-    ]
-    mine = per_rank[rank] if len(per_rank) > 1 else per_rank[0]
-    if not (even_batches and num_replicas > 1):
-        return mine
-    counts = [sum(len(w.batches) for w in ws) for ws in per_rank]
-    n_mine = counts[rank]
-    if drop_last:  # everyone stops at the smallest share
-        target = min(counts)
-        out: list[Window] = []
-        left = target
-        for w in mine:
-            if left <= 0:
-                break
-            out.append(Window(w.window_id, w.batches[:left], w.padding))
-            left -= len(out[-1].batches)
-        return out
-    target = max(counts)
-    if target > n_mine:
-        if n_mine == 0:
-            raise InputError(
-                f"rank {rank} received no cells: {n_rows:,} rows are too few for "
-                f"{num_replicas} processes; use fewer processes"
-            )
-        flat = [b for w in mine for b in w.batches]
-        reps = math.ceil((target - n_mine) / len(flat))
-        pad = (flat * reps)[: target - n_mine]
-        mine = [*mine, Window(-1, pad, padding=True)]
-    return mine
-
-
-def _rank_windows(
-    labels: np.ndarray | None,
-    n: int,
-    batch_size: int,
-    chunk_size: int,
-    buffer_chunks: int,
-    shuffle: bool,
-    seed: int,
-    epoch: int,
-    num_replicas: int,
-    rank: int,
-    drop_last: bool,
-) -> list[Window]:
-    cs = effective_chunk_size(n, chunk_size, num_replicas)
-    n_chunks = math.ceil(n / cs)
-    rng = np.random.default_rng([seed, epoch, _PLAN_TAG])
-    order = rng.permutation(n_chunks) if shuffle else np.arange(n_chunks)
-    mine = order[rank::num_replicas]
-    windows: list[Window] = []
-    for w, start in enumerate(range(0, mine.size, buffer_chunks)):
-        chunks = mine[start : start + buffer_chunks]
-        pos = np.concatenate([np.arange(c * cs, min((c + 1) * cs, n)) for c in chunks])
-        wrng = np.random.default_rng([seed, epoch, _PLAN_TAG, num_replicas, rank, w])
-        if labels is None:
-            groups = [pos]
-        else:
-            lab = labels[pos]
-            groups = [pos[lab == v] for v in np.unique(lab)]
-        batches: list[np.ndarray] = []
-        for g in groups:
-            idx = wrng.permutation(g) if shuffle else g
-            for b0 in range(0, idx.size, batch_size):
-                mb = idx[b0 : b0 + batch_size]
-                if drop_last and mb.size < batch_size:
-                    break
-                batches.append(mb)
-        if shuffle and batches:
-            batches = [batches[i] for i in wrng.permutation(len(batches))]
-        windows.append(Window(int(w), batches))
-    return windows
-
-
-def effective_chunk_size(n_rows: int, chunk_size: int, num_replicas: int = 1) -> int:
-    """``chunk_size``, lowered when needed so that every rank gets at least one chunk."""
-    return max(1, min(int(chunk_size), math.ceil(n_rows / max(1, num_replicas))))
+#: The on-disk source under its former name (it read ``.h5ad`` files only).
+H5adSource = StoreSource
 
 
 # ----------------------------------------------------------------------------- dataset
 class StreamingCellDataset(IterableDataset):
-    """Mini-batches of cells read from an on-disk ``.h5ad``; items as ``CellDataset``'s.
+    """Mini-batches of cells read from a :class:`~celltune.data.source.CellSource` (an
+    on-disk ``.h5ad``/``.zarr`` path, or an AnnData); items as ``CellDataset``'s.
 
     Yields *lists* of item dicts (``index`` = the cell's row in the file, ``key``,
     ``indices``/``data`` = its binned non-zero row over ``var_subset``, ``batch_label``,
@@ -410,7 +83,7 @@ class StreamingCellDataset(IterableDataset):
 
     def __init__(
         self,
-        path: str | os.PathLike[str],
+        source: CellSource | AnnData | str | os.PathLike[str],
         gene_ids: Sequence[int] | np.ndarray,
         *,
         layer: str | None = None,
@@ -442,28 +115,10 @@ class StreamingCellDataset(IterableDataset):
                 raise InputError(f"{name} must be >= 1 (got {value})")
         if n_bins is not None and n_bins < 2:
             raise InputError(f"n_bins must be >= 2 or None (pre-binned layer), got {n_bins}")
-        self.source = H5adSource(path, layer)
+        self.source = open_source(source, layer)
         n_obs, n_vars = self.source.shape
-        if var_subset is None:
-            self.var_subset: np.ndarray | None = None
-            n_genes = n_vars
-        else:
-            vs = np.asarray(var_subset)
-            if vs.dtype == bool:
-                if vs.shape != (n_vars,):
-                    raise InputError(
-                        f"boolean var_subset has {vs.size:,} entries, the file has {n_vars:,} "
-                        "genes; pass one flag per gene (or column indices)"
-                    )
-                vs = np.flatnonzero(vs)
-            vs = vs.astype(np.int64)
-            if vs.size == 0 or vs.min() < 0 or vs.max() >= n_vars:
-                raise InputError(
-                    f"var_subset must hold column indices in [0, {n_vars}) (got {vs.size:,} "
-                    "entries); select at least one gene of the file"
-                )
-            self.var_subset = None if np.array_equal(vs, np.arange(n_vars)) else vs
-            n_genes = vs.size
+        self.var_subset = _check_var_subset(var_subset, n_vars)
+        n_genes = n_vars if self.var_subset is None else self.var_subset.size
         self.gene_ids = np.asarray(gene_ids, dtype=np.int64)
         if self.gene_ids.shape != (n_genes,):
             raise InputError(
@@ -472,40 +127,17 @@ class StreamingCellDataset(IterableDataset):
             )
         if not (self.gene_ids >= 0).any():
             raise InputError("no streamed gene is in the vocabulary (all gene_ids are -1)")
-        if rows is None:
-            self.rows: np.ndarray | None = None
-            n = n_obs
-        else:
-            r = np.asarray(rows, dtype=np.int64)
-            if r.size == 0:
-                raise InputError("rows is empty: select at least one cell")
-            if r.min() < 0 or r.max() >= n_obs or (r.size > 1 and (np.diff(r) <= 0).any()):
-                raise InputError(
-                    f"rows must be strictly increasing row numbers in [0, {n_obs:,}); "
-                    "sort them (np.unique) first"
-                )
-            self.rows = r
-            n = r.size
+        self.rows = _check_rows(rows, n_obs)
+        n = n_obs if self.rows is None else self.rows.size
         self.n_rows = int(n)
 
-        if batch_key is not None:
-            codes, self.batch_categories = self.source.obs_codes(
-                batch_key, batch_categories, "batch labels (batch_key)"
-            )
-            self.batch_labels: np.ndarray = codes if self.rows is None else codes[self.rows]
-        else:
-            self.batch_labels = np.zeros(n, dtype=np.int8)
-            self.batch_categories = []
-        if label_key is not None:
-            codes, self.label_categories = self.source.obs_codes(
-                label_key, label_categories, "cell-type labels (label_key)"
-            )
-            self.celltype_labels: np.ndarray | None = (
-                codes if self.rows is None else codes[self.rows]
-            )
-        else:
-            self.celltype_labels = None
-            self.label_categories = []
+        labels, self.batch_categories = self._codes(
+            batch_key, batch_categories, "batch labels (batch_key)"
+        )
+        self.batch_labels: np.ndarray = np.zeros(n, dtype=np.int8) if labels is None else labels
+        self.celltype_labels, self.label_categories = self._codes(
+            label_key, label_categories, "cell-type labels (label_key)"
+        )
         self.batch_key = batch_key
         self.batch_size = int(batch_size)
         self.chunk_size = int(chunk_size)
@@ -518,11 +150,20 @@ class StreamingCellDataset(IterableDataset):
         self.even_batches = bool(even_batches)
         # Fixed now, in the launching process: workers are separate processes where the
         # process group does not exist (the environment variables of torchrun do).
-        self._num_replicas = _dist_world_size() if num_replicas is None else int(num_replicas)
-        self._rank = _dist_rank() if rank is None else int(rank)
+        self._num_replicas = dist_world_size() if num_replicas is None else int(num_replicas)
+        self._rank = dist_rank() if rank is None else int(rank)
         self.epoch = 0
         self._len_cache: tuple[tuple[int, int, int], int] | None = None
         self.source.close()  # opened again lazily, in whichever process iterates
+
+    def _codes(
+        self, key: str | None, categories: Sequence[Any] | None, purpose: str
+    ) -> tuple[np.ndarray | None, list[Any]]:
+        """Codes of an obs column for this dataset's rows (None, [] without a key)."""
+        if key is None:
+            return None, []
+        codes, cats = self.source.obs_codes(key, categories, purpose)
+        return (codes if self.rows is None else codes[self.rows]), cats
 
     # -- properties --------------------------------------------------------------------
     @property
@@ -671,8 +312,45 @@ class StreamingCellDataset(IterableDataset):
 
 
 # ----------------------------------------------------------------------------- helpers
+def _check_var_subset(var_subset: Any, n_vars: int) -> np.ndarray | None:
+    """Column indices (or one flag per column) as int64 indices in the given order;
+    ``None`` for all columns in order."""
+    if var_subset is None:
+        return None
+    vs = np.asarray(var_subset)
+    if vs.dtype == bool:
+        if vs.shape != (n_vars,):
+            raise InputError(
+                f"boolean var_subset has {vs.size:,} entries, the file has {n_vars:,} "
+                "genes; pass one flag per gene (or column indices)"
+            )
+        vs = np.flatnonzero(vs)
+    vs = vs.astype(np.int64)
+    if vs.size == 0 or vs.min() < 0 or vs.max() >= n_vars:
+        raise InputError(
+            f"var_subset must hold column indices in [0, {n_vars}) (got {vs.size:,} "
+            "entries); select at least one gene of the file"
+        )
+    return None if np.array_equal(vs, np.arange(n_vars)) else vs
+
+
+def _check_rows(rows: Any, n_obs: int) -> np.ndarray | None:
+    """Strictly increasing row numbers of the source (``None``: all rows)."""
+    if rows is None:
+        return None
+    r = np.asarray(rows, dtype=np.int64)
+    if r.size == 0:
+        raise InputError("rows is empty: select at least one cell")
+    if r.min() < 0 or r.max() >= n_obs or (r.size > 1 and (np.diff(r) <= 0).any()):
+        raise InputError(
+            f"rows must be strictly increasing row numbers in [0, {n_obs:,}); "
+            "sort them (np.unique) first"
+        )
+    return r
+
+
 def read_cells(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | CellSource,
     rows: Sequence[int] | np.ndarray,
     *,
     layer: str | None = None,
@@ -681,142 +359,14 @@ def read_cells(
 ) -> AnnData:
     """An in-memory AnnData of some rows of a large file (e.g. a sample for HVG selection).
 
-    Only the requested rows and obs columns are read, chunk by chunk.
+    Only the requested rows and obs columns are read, chunk by chunk
+    (:meth:`celltune.data.source.CellSource.to_anndata`).
     """
-    import anndata
-
-    src = H5adSource(path, layer)
-    r = np.unique(np.asarray(rows, dtype=np.int64))
-    if r.size == 0 or r[0] < 0 or r[-1] >= src.n_obs:
-        raise InputError(f"rows must be non-empty row numbers in [0, {src.n_obs:,})")
-    parts, names = [], []
-    for c in np.unique(r // chunk_size):
-        sel = r[(r // chunk_size) == c]
-        lo, hi = int(sel[0]), int(sel[-1]) + 1
-        parts.append(src.read_rows(lo, hi)[sel - lo])
-        names.append(src.obs_names(lo, hi)[sel - lo])
-    X = sp.vstack(parts, format="csr").astype(np.float32)
-    obs = pd.DataFrame(index=pd.Index(np.concatenate(names).astype(str)))
-    for key in obs_keys:
-        codes, cats = src.obs_codes(key, None, f"obs column {key!r}")
-        obs[key] = pd.Categorical.from_codes(codes[r].astype(np.int64), categories=cats)
-    var = pd.DataFrame(index=src.var_names().astype(str))
-    src.close()
-    return anndata.AnnData(X=X, obs=obs, var=var)
-
-
-def replicate_h5ad(
-    src: str | os.PathLike[str],
-    dst: str | os.PathLike[str],
-    factor: int,
-    *,
-    layer: str | None = None,
-    chunk_rows: int = 16384,
-    compression: str | None = None,
-) -> Path:
-    """Write ``src`` repeated ``factor`` times as a CSR ``.h5ad`` (obs, var and X only).
-
-    For scale tests and benchmarks: the output (e.g. 1.2M cells) is written chunk by chunk
-    through h5py, so memory is that of the source's rows and the output's ``obs``, never
-    the output matrix. Cell names get a ``-<replicate>`` suffix so they stay unique (and
-    replicated cells get their own binning draws). Written atomically.
-    """
-    import anndata
-    import h5py
-    from anndata.io import read_elem
-
-    from celltune.files import atomic_path
-
-    if factor < 1:
-        raise InputError(f"factor must be >= 1 (got {factor})")
-    source = H5adSource(src, layer)
-    f = source.file
-    obs = read_elem(f["obs"])
-    var = read_elem(f["var"])
-    n, g = source.shape
-    names = obs.index.astype(str).to_numpy()
-    rep_obs = pd.concat([obs] * factor, ignore_index=True)
-    rep_obs.index = pd.Index(
-        np.concatenate([names + (f"-{k}" if factor > 1 else "") for k in range(factor)])
-    )
-    if source.kind == "csr":
-        src_ip = np.asarray(f[source.where]["indptr"][:], dtype=np.int64)
-    else:  # dense: count non-zeros chunk by chunk
-        counts = np.concatenate(
-            [
-                np.diff(source.read_rows(a, min(a + chunk_rows, n)).indptr)
-                for a in range(0, n, chunk_rows)
-            ]
-        )
-        src_ip = np.concatenate([[0], np.cumsum(counts)])
-    nnz = int(src_ip[-1])
-    with atomic_path(dst) as tmp:
-        anndata.AnnData(obs=rep_obs, var=var).write_h5ad(tmp)
-        del rep_obs
-        with h5py.File(tmp, "a") as out:
-            if "X" in out:
-                del out["X"]
-            grp = out.create_group("X")
-            grp.attrs["encoding-type"] = "csr_matrix"
-            grp.attrs["encoding-version"] = "0.1.0"
-            grp.attrs["shape"] = np.array([n * factor, g], dtype=np.int64)
-            opts: dict[str, Any] = {"compression": compression} if compression else {}
-            chunk = (min(max(nnz * factor, 1), 1 << 20),)
-            data = grp.create_dataset(
-                "data", (nnz * factor,), dtype=np.float32, chunks=chunk, **opts
-            )
-            indices = grp.create_dataset(
-                "indices", (nnz * factor,), dtype=np.int32, chunks=chunk, **opts
-            )
-            indptr = grp.create_dataset("indptr", (n * factor + 1,), dtype=np.int64)
-            indptr[0] = 0
-            for a in range(0, n, chunk_rows):
-                b = min(a + chunk_rows, n)
-                rows = source.read_rows(a, b)
-                for k in range(factor):
-                    off = k * nnz
-                    data[off + src_ip[a] : off + src_ip[b]] = rows.data
-                    indices[off + src_ip[a] : off + src_ip[b]] = rows.indices
-                    indptr[k * n + a + 1 : k * n + b + 1] = src_ip[a + 1 : b + 1] + off
-    source.close()
-    return Path(dst)
-
-
-def sample_rows(
-    n_obs: int, n: int, seed: int = 0, batch_labels: np.ndarray | None = None
-) -> np.ndarray:
-    """Sorted, seeded row sample of ``n`` cells, stratified by batch when labels are given."""
-    if n >= n_obs:
-        return np.arange(n_obs, dtype=np.int64)
-    rng = np.random.default_rng([int(seed), 0x5A3])
-    if batch_labels is None:
-        return np.sort(rng.choice(n_obs, n, replace=False))
-    keep = []
-    for v in np.unique(batch_labels):
-        idx = np.flatnonzero(batch_labels == v)
-        k = max(1, round(n * idx.size / n_obs))
-        keep.append(rng.choice(idx, min(k, idx.size), replace=False))
-    return np.sort(np.concatenate(keep))
-
-
-def _attr_str(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _read_strings(ds: Any, start: int, stop: int) -> np.ndarray:
-    if ds.dtype.kind in ("O", "S", "U"):
-        with contextlib.suppress(TypeError, AttributeError):
-            return np.asarray(ds.asstr()[start:stop], dtype=object)
-    return np.asarray([str(v) for v in ds[start:stop]], dtype=object)
-
-
-def _compact(codes: np.ndarray) -> np.ndarray:
-    """Smallest signed int dtype for label codes (memory per cell matters at 1M cells)."""
-    m = int(codes.max()) if codes.size else 0
-    for dt in (np.int8, np.int16, np.int32):
-        if m < np.iinfo(dt).max:
-            return codes.astype(dt)
-    return codes.astype(np.int64)
+    src = open_source(path, layer)
+    try:
+        return src.to_anndata(rows, obs_keys, chunk_rows=chunk_size)
+    finally:
+        src.close()
 
 
 @contextlib.contextmanager
@@ -837,28 +387,6 @@ def _quiet_binning() -> Iterator[None]:
             yield
     finally:
         blog.removeFilter(filt)
-
-
-def _dist_world_size() -> int:
-    """The process group's size, else torchrun's ``WORLD_SIZE``: DataLoader workers and
-    datasets built before ``init_process_group`` must still shard like their rank."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    if "RANK" in os.environ:
-        return int(os.environ.get("WORLD_SIZE", "1"))
-    return 1
-
-
-def _dist_rank() -> int:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank()
-    if "RANK" in os.environ:
-        return int(os.environ["RANK"])
-    return 0
 
 
 __all__ = [

@@ -133,7 +133,7 @@ def run_integrate(
     returns the :class:`IntegrationResult` with ``metrics`` (a DataFrame, one row per
     method) filled when a label column was given. ``adata`` may be a path: with
     ``config.data.stream`` the file is streamed from disk
-    (:func:`celltune.tasks.integration_stream.integrate_file`), else it is read.
+    (:func:`celltune.tasks.integration.integrate` with a path), else it is read.
     """
     import pandas as pd
 
@@ -144,13 +144,8 @@ def run_integrate(
 
     t0 = time.perf_counter()
     out = Path(out_dir)
-    if isinstance(adata, (str, Path)):
-        if config.data.stream:
-            from celltune.tasks.integration_stream import integrate_file
-
-            result = integrate_file(adata, config, out, resume=resume)
-        else:
-            result = integrate(io.read_h5ad(adata), config, out, resume=resume)
+    if isinstance(adata, (str, Path)):  # streamed with data.stream, else read
+        result = integrate(adata, config, out, resume=resume)
     else:
         if config.data.stream:
             from celltune.errors import InputError
