@@ -24,7 +24,7 @@ DeviceChoice = Literal["auto", "cpu", "cuda"]
 
 _AMP_CHOICES = ("off", "auto", "bf16", "fp16")
 _DEVICE_CHOICES = ("auto", "cpu", "cuda")
-_SCHEDULERS = ("step", "none")
+_SCHEDULERS = ("step", "cosine", "none")
 
 
 @dataclass
@@ -43,9 +43,12 @@ class TrainConfig:
     weight_decay: float = 0.0
     batch_size: int = 64
     eval_batch_size: int | None = None
-    scheduler: Literal["step", "none"] = "step"
+    scheduler: Literal["step", "cosine", "none"] = "step"
     step_size: int = 1
     gamma: float = 0.9
+    # scheduler="cosine" (train.schedule): linear warm-up, then cosine to min_lr_ratio·lr
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
     grad_clip: float | None = 1.0
     grad_accum: int = 1
     amp: AmpChoice = "auto"
@@ -92,6 +95,11 @@ class TrainConfig:
             raise InputError(f"gamma must be in (0, 1], got {self.gamma!r}; scGPT uses 0.9")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise InputError(f"grad_clip must be > 0 or None (no clipping), got {self.grad_clip!r}")
+        if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise InputError(
+                f"warmup_steps must be >= 0 and min_lr_ratio in [0, 1] (got "
+                f"{self.warmup_steps}, {self.min_lr_ratio})"
+            )
         if self.num_workers < 0:
             raise InputError(f"num_workers must be >= 0, got {self.num_workers!r}")
         _check_choice("amp", self.amp, _AMP_CHOICES)

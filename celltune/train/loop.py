@@ -35,6 +35,7 @@ from celltune.train.config import TrainConfig
 from celltune.train.context import EvalFn, History, NonFiniteLossError, StepContext, StepFn
 from celltune.train.loader import lookahead, make_loader, set_epoch, to_device
 from celltune.train.progress import ETA_BATCHES, fmt, log_eta, term_values
+from celltune.train.schedule import epoch_scheduler, run_steps, set_step_lr
 from celltune.train.state import (
     CHECKPOINT_FORMAT,
     input_fingerprint,
@@ -110,13 +111,10 @@ class Trainer:
             # on CPU (measured), a large fixed cost at the small batch sizes used on laptops.
             fused=self.device.type in ("cpu", "cuda"),
         )
-        self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = (
-            torch.optim.lr_scheduler.StepLR(
-                self.optimizer, step_size=config.step_size, gamma=config.gamma
-            )
-            if config.scheduler == "step"
-            else None
+        self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = epoch_scheduler(
+            self.optimizer, config
         )
+        self.total_steps = 0  # optimizer steps of the whole run (cosine schedule), set by fit
         self.scaler: torch.amp.GradScaler | None = (
             torch.amp.GradScaler(self.device.type) if self.amp == "fp16" else None
         )
@@ -182,6 +180,7 @@ class Trainer:
             logger.info("checkpoint has %d/%d epochs; nothing to do", start_epoch, cfg.epochs)
             return self.history
 
+        self.total_steps = run_steps(train_loader, cfg)
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.perf_counter()
             set_epoch(train_loader, epoch)
@@ -356,6 +355,7 @@ class Trainer:
         grad_norm: float | None = None
         if cfg.grad_clip is not None:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+        set_step_lr(self.optimizer, cfg, self.global_step, self.total_steps)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
