@@ -14,7 +14,7 @@ from test_train_loop import one_thread as one_thread  # fixture
 
 from celltune.errors import InputError
 from celltune.train import TrainConfig, Trainer
-from celltune.train.schedule import cosine_lr
+from celltune.train.schedule import budget_epochs, cosine_lr
 
 
 def test_cosine_lr_warms_up_linearly_then_decays_to_the_floor() -> None:
@@ -61,3 +61,14 @@ def test_bad_schedule_settings_are_refused() -> None:
         TrainConfig(scheduler="cosine", warmup_steps=-1)
     with pytest.raises(InputError, match="scheduler"):
         TrainConfig(scheduler="linear")
+
+
+def test_step_budget_sets_whole_epochs(expr) -> None:
+    train, _ = expr
+    dl = loader(train, 16)  # 16 mini-batches per epoch
+    assert budget_epochs(dl, cfg(epochs=30, max_steps=40)) == 3  # ceil(40 / 16)
+    assert budget_epochs(dl, cfg(epochs=2, max_steps=1000)) == 2  # never above epochs
+    assert budget_epochs(dl, cfg(epochs=30, max_steps=40, grad_accum=2)) == 5  # 8 steps/epoch
+    assert budget_epochs(dl, cfg(epochs=30)) == 30
+    with pytest.raises(InputError, match="max_steps"):
+        cfg(max_steps=0)

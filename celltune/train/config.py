@@ -63,6 +63,10 @@ class TrainConfig:
     log_every: int = 50
     checkpoint_every: int = 1
     max_steps_per_epoch: int | None = None
+    # Training budget in optimizer steps: tasks lower ``epochs`` to the whole epochs that
+    # hold about this many steps (train.schedule.budget_epochs), so one setting suits 1k
+    # and 100k cells.
+    max_steps: int | None = None
     compile: bool = False
     find_unused_parameters: bool = True
 
@@ -78,7 +82,7 @@ class TrainConfig:
         for name, value in positive.items():
             if not isinstance(value, int) or value < 1:
                 raise InputError(f"{name} must be a positive integer, got {value!r}; set it >= 1")
-        for name in ("eval_batch_size", "patience", "max_steps_per_epoch"):
+        for name in ("eval_batch_size", "patience", "max_steps_per_epoch", "max_steps"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise InputError(

@@ -57,3 +57,14 @@ def run_steps(loader: Any, config: Any) -> int:
     if config.max_steps_per_epoch:
         n = min(n, config.max_steps_per_epoch * config.grad_accum)
     return config.epochs * math.ceil(n / config.grad_accum)
+
+
+def budget_epochs(loader: Any, config: Any) -> int:
+    """``config.epochs`` lowered to the whole epochs that hold about ``config.max_steps``
+    optimizer steps (rounded up); ``config.epochs`` when no budget or no loader length."""
+    if not config.max_steps:
+        return int(config.epochs)
+    per_epoch = run_steps(loader, config) // max(config.epochs, 1)
+    if per_epoch <= 0:
+        return int(config.epochs)
+    return max(1, min(int(config.epochs), math.ceil(config.max_steps / per_epoch)))

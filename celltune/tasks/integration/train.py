@@ -143,7 +143,17 @@ def train_integration_model(
 
     from celltune.losses import masked_mse
     from celltune.train import Trainer
+    from celltune.train.schedule import budget_epochs
 
+    epochs = budget_epochs(train_loader, cfg.train)
+    if epochs != cfg.train.epochs:
+        logger.info(
+            "training budget of %d optimizer steps: %d epoch(s) instead of %d",
+            cfg.train.max_steps,
+            epochs,
+            cfg.train.epochs,
+        )
+        cfg.train = cfg.train.replace(epochs=epochs)
     torch.manual_seed(cfg.train.seed)
     model = _build_model(cfg, vocab, n_batches, pretrained)
     model.vocab = vocab  # type: ignore[attr-defined]
