@@ -75,6 +75,7 @@ def _parse_baselines(text: str | None) -> list[str] | None:
 
 
 # ----------------------------------------------------------------------------- commands
+# long: a typer command; 70 of its lines declare its 27 options and 25 map them to config keys
 def integrate_cmd(
     data: Path = typer.Argument(
         ..., help="Input .h5ad, raw counts in X (or --set data.layer=NAME)."

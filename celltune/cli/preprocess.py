@@ -118,8 +118,12 @@ def preprocess_cmd(
     write_h5ad(result, out)
     if quiet:
         return
+    _echo_summary(result, cfg, input, out, time.perf_counter() - t0)
+
+
+def _echo_summary(result: Any, cfg: Any, input: Path, out: Path, dt: float) -> None:
+    """What was read, filtered, selected, binned and written (from uns['celltune'])."""
     info = result.uns["celltune"]["preprocess"]
-    dt = time.perf_counter() - t0
     typer.echo(
         f"read      {info['n_cells_in']:,} cells × {info['n_genes_in']:,} genes from {input}\n"
         f"filtered  {info['n_genes_after_filter']:,} genes with >= "

@@ -208,6 +208,66 @@ def _bin_rows_vectorised(
     return out, n_empty
 
 
+def _checked_keys(keys: np.ndarray | None, n_rows: int) -> np.ndarray:
+    """``keys`` as int64, one non-negative key per row; the row numbers without keys."""
+    if keys is None:
+        keys = np.arange(n_rows, dtype=np.int64)
+    keys = np.asarray(keys, dtype=np.int64)
+    if keys.shape != (n_rows,):
+        raise InputError(f"keys has shape {keys.shape}, expected ({n_rows},): one key per cell")
+    if (keys < 0).any():
+        raise InputError("cell keys must be non-negative; compute them with cell_keys(obs_names)")
+    return keys
+
+
+def _canonical_csr(X: Any) -> Any:
+    """``X`` as CSR with sorted, summed indices, so tie draws follow gene order."""
+    if not sp.issparse(X):
+        return sp.csr_matrix(np.asarray(X))
+    M = X.tocsr() if X.format != "csr" else X
+    if not M.has_canonical_format:  # tie draws follow gene order, not storage order
+        M = M.copy()
+        M.sum_duplicates()
+    return M
+
+
+def _check_values(data: np.ndarray) -> None:
+    """Binnable stored values: finite and non-negative."""
+    if data.size:
+        if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
+            raise InputError("cannot bin NaN/inf values; replace them (e.g. with 0) first")
+        if data.min() < 0:
+            raise InputError(
+                f"cannot bin negative values (min {float(data.min()):.4g}); bin raw counts "
+                "or log-normalised values, not scaled/centred data"
+            )
+
+
+def _bin_chunks(
+    M: Any, data: np.ndarray, keys: np.ndarray, n_bins: int, seed: int, quiet: bool
+) -> tuple[np.ndarray, int]:
+    """(bins of every stored value of the CSR ``M``, number of all-zero rows), in row
+    chunks of about ``CHUNK_NNZ`` values; float32-exact data takes the vectorised path."""
+    from tqdm.auto import tqdm
+
+    indptr = M.indptr
+    fast = _as_exact_float32(data)
+    out = np.zeros(data.shape[0], dtype=np.float32)
+    n_empty = 0
+    starts = _chunk_starts(indptr, CHUNK_NNZ)
+    with tqdm(total=M.shape[0], desc="binning", unit="cell", disable=quiet, leave=False) as bar:
+        for r0, r1 in itertools.pairwise(starts):
+            a, b = indptr[r0], indptr[r1]
+            ptr = indptr[r0 : r1 + 1] - a
+            if fast is not None:
+                out[a:b], empty = _bin_rows_vectorised(fast[a:b], ptr, keys[r0:r1], n_bins, seed)
+            else:
+                out[a:b], empty = _bin_rows_loop(data[a:b], ptr, keys[r0:r1], n_bins, seed)
+            n_empty += empty
+            bar.update(r1 - r0)
+    return out, n_empty
+
+
 def bin_matrix(
     X: Any,
     n_bins: int = 51,
@@ -228,51 +288,12 @@ def bin_matrix(
     if n_bins < 2:
         raise InputError(f"n_bins must be at least 2 (got {n_bins}); the default is 51")
     n_rows = X.shape[0]
-    if keys is None:
-        keys = np.arange(n_rows, dtype=np.int64)
-    keys = np.asarray(keys, dtype=np.int64)
-    if keys.shape != (n_rows,):
-        raise InputError(f"keys has shape {keys.shape}, expected ({n_rows},): one key per cell")
-    if (keys < 0).any():
-        raise InputError("cell keys must be non-negative; compute them with cell_keys(obs_names)")
-
+    keys = _checked_keys(keys, n_rows)
     dense_in = not sp.issparse(X)
-    if dense_in:
-        dense = np.asarray(X)
-        M = sp.csr_matrix(dense)
-    else:
-        M = X.tocsr() if X.format != "csr" else X
-        if not M.has_canonical_format:  # tie draws follow gene order, not storage order
-            M = M.copy()
-            M.sum_duplicates()
+    M = _canonical_csr(X)
     data = np.asarray(M.data)
-    if data.size:
-        if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
-            raise InputError("cannot bin NaN/inf values; replace them (e.g. with 0) first")
-        if data.min() < 0:
-            raise InputError(
-                f"cannot bin negative values (min {float(data.min()):.4g}); bin raw counts "
-                "or log-normalised values, not scaled/centred data"
-            )
-
-    indptr = M.indptr
-    fast = _as_exact_float32(data)
-    out = np.zeros(data.shape[0], dtype=np.float32)
-    n_empty = 0
-    seed = int(seed)
-    from tqdm.auto import tqdm
-
-    starts = _chunk_starts(indptr, CHUNK_NNZ)
-    with tqdm(total=n_rows, desc="binning", unit="cell", disable=quiet, leave=False) as bar:
-        for r0, r1 in itertools.pairwise(starts):
-            a, b = indptr[r0], indptr[r1]
-            ptr = indptr[r0 : r1 + 1] - a
-            if fast is not None:
-                out[a:b], empty = _bin_rows_vectorised(fast[a:b], ptr, keys[r0:r1], n_bins, seed)
-            else:
-                out[a:b], empty = _bin_rows_loop(data[a:b], ptr, keys[r0:r1], n_bins, seed)
-            n_empty += empty
-            bar.update(r1 - r0)
+    _check_values(data)
+    out, n_empty = _bin_chunks(M, data, keys, n_bins, int(seed), quiet)
     if n_empty:
         logger.warning(
             "%s of %s cells have no non-zero value and were binned as all zeros; "
@@ -287,7 +308,7 @@ def bin_matrix(
             UserWarning,
             stacklevel=2,
         )
-    res = sp.csr_matrix((out, M.indices.copy(), indptr.copy()), shape=M.shape)
+    res = sp.csr_matrix((out, M.indices.copy(), M.indptr.copy()), shape=M.shape)
     res.eliminate_zeros()
     if dense_in:
         return res.toarray()

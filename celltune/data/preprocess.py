@@ -183,6 +183,81 @@ def _select_hvg(ad: AnnData, cfg: PreprocessConfig, flavor: str, n_hvg: int) -> 
     return mask
 
 
+def _working_copy(adata: AnnData, cfg: PreprocessConfig) -> AnnData:
+    """A new AnnData with the input matrix (``X`` or ``cfg.layer``) as float32 CSR, after the
+    input checks; obs, var, obsm and uns (minus any earlier ``uns['celltune']``) copied."""
+    import anndata
+
+    where = "X" if cfg.layer is None else f"layer {cfg.layer!r}"
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise InputError(
+            f"the dataset is empty ({adata.n_obs:,} cells × {adata.n_vars:,} genes); "
+            "check the input file or the subset you passed"
+        )
+    if cfg.batch_key is not None:
+        io.require_obs_column(adata, cfg.batch_key, "batch-aware HVG selection (--batch-key)")
+    X_in = io.get_matrix(adata, cfg.layer)
+    if hasattr(X_in, "to_memory"):  # backed sparse dataset
+        X_in = X_in.to_memory()
+    _check_input(X_in, cfg, where)
+    return anndata.AnnData(
+        X=_as_csr_float32(X_in),
+        obs=adata.obs.copy(),
+        var=adata.var.copy(),
+        obsm={k: v for k, v in adata.obsm.items()},
+        uns={k: v for k, v in adata.uns.items() if k != "celltune"},
+    )
+
+
+def _filter(ad: AnnData, cfg: PreprocessConfig) -> None:
+    """Gene then cell count filters, in place; an empty result is an error."""
+    import scanpy as sc
+
+    if cfg.filter_gene_by_counts:
+        sc.pp.filter_genes(ad, min_counts=cfg.filter_gene_by_counts)
+    if cfg.filter_cell_by_counts:
+        sc.pp.filter_cells(ad, min_counts=cfg.filter_cell_by_counts)
+    if ad.n_obs == 0 or ad.n_vars == 0:
+        raise InputError(
+            f"no data left after filtering ({ad.n_obs:,} cells × {ad.n_vars:,} genes, "
+            f"filter_gene_by_counts={cfg.filter_gene_by_counts}, filter_cell_by_counts="
+            f"{cfg.filter_cell_by_counts}); lower the filter thresholds"
+        )
+
+
+def _normalize(ad: AnnData, cfg: PreprocessConfig) -> None:
+    """Raw counts kept in ``layers['counts']``, then normalize_total and log1p, in place
+    (only for raw input)."""
+    import scanpy as sc
+
+    if cfg.data_is_raw:
+        ad.layers["counts"] = ad.X.copy()
+        if cfg.normalize_total:
+            sc.pp.normalize_total(ad, target_sum=cfg.normalize_total)
+        if cfg.log1p:
+            sc.pp.log1p(ad)
+            ad.uns.pop("log1p", None)  # scanpy's marker; our uns record says it instead
+
+
+def _hvg_subset(ad: AnnData, cfg: PreprocessConfig, n_hvg: int) -> tuple[AnnData, str]:
+    """(``ad`` restricted to its ``n_hvg`` HVGs, the flavor used); all genes and "none"
+    with ``n_hvg`` 0."""
+    flavor = cfg.hvg_flavor or ("seurat_v3" if cfg.data_is_raw else "cell_ranger")
+    if n_hvg and ad.n_obs < MIN_CELLS_PER_BATCH:
+        raise InputError(
+            f"highly-variable gene selection needs at least {MIN_CELLS_PER_BATCH} cells "
+            f"(got {ad.n_obs}); pass more cells or --n-hvg 0 to keep all genes"
+        )
+    if n_hvg and cfg.batch_key is not None:
+        _check_batch_sizes(ad, cfg.batch_key)
+    if n_hvg:
+        ad = ad[:, _select_hvg(ad, cfg, flavor, n_hvg)].copy()
+    else:
+        flavor = "none"
+    ad.var["highly_variable"] = True
+    return ad, flavor
+
+
 def preprocess(
     adata: AnnData,
     config: PreprocessConfig | None = None,
@@ -197,48 +272,14 @@ def preprocess(
     ``var['highly_variable']``, and the parameters used in ``uns['celltune']['preprocess']``.
     The input object is not modified.
     """
-    import anndata
-    import scanpy as sc
-
     t0 = time.perf_counter()
     cfg = (config or PreprocessConfig()).replace(**overrides)
     cfg.validate()
-    where = "X" if cfg.layer is None else f"layer {cfg.layer!r}"
-
-    if adata.n_obs == 0 or adata.n_vars == 0:
-        raise InputError(
-            f"the dataset is empty ({adata.n_obs:,} cells × {adata.n_vars:,} genes); "
-            "check the input file or the subset you passed"
-        )
-    if cfg.batch_key is not None:
-        io.require_obs_column(adata, cfg.batch_key, "batch-aware HVG selection (--batch-key)")
-    X_in = io.get_matrix(adata, cfg.layer)
-    if hasattr(X_in, "to_memory"):  # backed sparse dataset
-        X_in = X_in.to_memory()
-    _check_input(X_in, cfg, where)
-
-    ad = anndata.AnnData(
-        X=_as_csr_float32(X_in),
-        obs=adata.obs.copy(),
-        var=adata.var.copy(),
-        obsm={k: v for k, v in adata.obsm.items()},
-        uns={k: v for k, v in adata.uns.items() if k != "celltune"},
-    )
-    del X_in
+    ad = _working_copy(adata, cfg)
     n_cells_in, n_genes_in = ad.shape
 
-    if cfg.filter_gene_by_counts:
-        sc.pp.filter_genes(ad, min_counts=cfg.filter_gene_by_counts)
-    if cfg.filter_cell_by_counts:
-        sc.pp.filter_cells(ad, min_counts=cfg.filter_cell_by_counts)
-    if ad.n_obs == 0 or ad.n_vars == 0:
-        raise InputError(
-            f"no data left after filtering ({ad.n_obs:,} cells × {ad.n_vars:,} genes, "
-            f"filter_gene_by_counts={cfg.filter_gene_by_counts}, filter_cell_by_counts="
-            f"{cfg.filter_cell_by_counts}); lower the filter thresholds"
-        )
+    _filter(ad, cfg)
     n_genes_filtered = ad.n_vars
-
     n_hvg = cfg.n_hvg or 0
     if n_hvg > ad.n_vars:
         raise InputError(
@@ -246,28 +287,8 @@ def preprocess(
             f"(of {n_genes_in:,}); use --n-hvg {ad.n_vars} or less, or --n-hvg 0 to keep "
             "all genes"
         )
-
-    if cfg.data_is_raw:
-        ad.layers["counts"] = ad.X.copy()
-        if cfg.normalize_total:
-            sc.pp.normalize_total(ad, target_sum=cfg.normalize_total)
-        if cfg.log1p:
-            sc.pp.log1p(ad)
-            ad.uns.pop("log1p", None)  # scanpy's marker; our uns record says it instead
-
-    flavor = cfg.hvg_flavor or ("seurat_v3" if cfg.data_is_raw else "cell_ranger")
-    if n_hvg and ad.n_obs < MIN_CELLS_PER_BATCH:
-        raise InputError(
-            f"highly-variable gene selection needs at least {MIN_CELLS_PER_BATCH} cells "
-            f"(got {ad.n_obs}); pass more cells or --n-hvg 0 to keep all genes"
-        )
-    if n_hvg and cfg.batch_key is not None:
-        _check_batch_sizes(ad, cfg.batch_key)
-    if n_hvg:
-        ad = ad[:, _select_hvg(ad, cfg, flavor, n_hvg)].copy()
-    else:
-        flavor = "none"
-    ad.var["highly_variable"] = True
+    _normalize(ad, cfg)
+    ad, flavor = _hvg_subset(ad, cfg, n_hvg)
 
     if not sp.isspmatrix_csr(ad.X):
         ad.X = sp.csr_matrix(ad.X)

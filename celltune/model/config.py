@@ -172,76 +172,11 @@ class ModelConfig:
         ``args`` keys written by celltune take precedence; scGPT keys come next; heads,
         encoders and their sizes are read off ``state_dict`` names and shapes.
         """
-        for key in REQUIRED_ARGS:
-            if key not in args:
-                raise CheckpointError(
-                    f"args.json lacks the key {key!r} (one of {list(REQUIRED_ARGS)}); add it "
-                    "with the value the model was trained with"
-                )
-        _check_arg_types(args)
+        kw = _sizes_from_args(args)
         sd = dict(state_dict or {})
         keys = set(sd)
-        kw: dict[str, Any] = {
-            "d_model": int(args["embsize"]),
-            "nhead": int(args["nheads"]),
-            "d_hid": int(args["d_hid"]),
-            "nlayers": int(args["nlayers"]),
-        }
-        pad_token = str(args.get("pad_token", "<pad>"))
-        kw["pad_token"] = pad_token
-        if "dropout" in args:
-            kw["dropout"] = float(args["dropout"])
-        if "pad_value" in args:
-            kw["pad_value"] = args["pad_value"]
-
-        def shape(key: str) -> tuple[int, ...] | None:
-            return tuple(sd[key].shape) if key in sd else None
-
-        # ntoken and pad id: weights, then vocabulary, then args
-        emb = shape("encoder.embedding.weight")
-        if emb is not None:
-            kw["ntoken"] = emb[0]
-            if emb[1] != kw["d_model"]:
-                raise CheckpointError(
-                    f"args.json says embsize={kw['d_model']} but the gene embedding has width "
-                    f"{emb[1]}; fix embsize in args.json"
-                )
-        elif vocab is not None:
-            kw["ntoken"] = len(vocab)
-        elif "ntoken" in args:
-            kw["ntoken"] = int(args["ntoken"])
-        else:
-            raise CheckpointError("cannot tell the vocabulary size: provide vocab.json")
-        if vocab is not None:
-            if pad_token not in vocab:
-                raise CheckpointError(
-                    f"the vocabulary has no pad token {pad_token!r}; add it to vocab.json or "
-                    "set pad_token in args.json"
-                )
-            kw["pad_id"] = int(vocab[pad_token])
-        elif "pad_id" in args:
-            kw["pad_id"] = int(args["pad_id"])
-
-        if keys:
-            kw.update(_infer_from_weights(sd, keys, kw["d_model"]))
-            layer_ids = {
-                int(m.group(1))
-                for k in keys
-                if (m := re.match(r"transformer_encoder\.layers\.(\d+)\.", k))
-            }
-            if layer_ids and len(layer_ids) != kw["nlayers"]:
-                raise CheckpointError(
-                    f"args.json says nlayers={kw['nlayers']} but the weights hold "
-                    f"{len(layer_ids)} transformer layers; fix nlayers in args.json"
-                )
-        elif "n_layers_cls" in args:
-            kw["nlayers_cls"] = int(args["n_layers_cls"])
-        if "n_layers_cls" in args and "nlayers_cls" not in kw:
-            kw["nlayers_cls"] = int(args["n_layers_cls"])
-        if "n_bins" in args and kw.get("input_emb_style") != "category":
-            kw["n_input_bins"] = int(args["n_bins"])
-        if "MVC" in args and not keys:
-            kw["do_mvc"] = bool(args["MVC"])
+        _vocab_size_and_pad(kw, args, sd, vocab)
+        _heads_and_encoders(kw, args, sd, keys)
 
         # celltune's own keys (written by save_model) are authoritative for settings the
         # weights cannot show (pre_norm, attn_dropout, dsbn_mode, ...).
@@ -256,6 +191,89 @@ class ModelConfig:
             return cls(**kw)
         except InputError as err:
             raise CheckpointError(f"inconsistent model directory: {err}") from err
+
+
+def _sizes_from_args(args: Mapping[str, Any]) -> dict[str, Any]:
+    """The required sizes (checked), pad token, dropout and pad value from ``args.json``."""
+    for key in REQUIRED_ARGS:
+        if key not in args:
+            raise CheckpointError(
+                f"args.json lacks the key {key!r} (one of {list(REQUIRED_ARGS)}); add it "
+                "with the value the model was trained with"
+            )
+    _check_arg_types(args)
+    kw: dict[str, Any] = {
+        "d_model": int(args["embsize"]),
+        "nhead": int(args["nheads"]),
+        "d_hid": int(args["d_hid"]),
+        "nlayers": int(args["nlayers"]),
+    }
+    kw["pad_token"] = str(args.get("pad_token", "<pad>"))
+    if "dropout" in args:
+        kw["dropout"] = float(args["dropout"])
+    if "pad_value" in args:
+        kw["pad_value"] = args["pad_value"]
+    return kw
+
+
+def _vocab_size_and_pad(
+    kw: dict[str, Any],
+    args: Mapping[str, Any],
+    sd: Mapping[str, Any],
+    vocab: Mapping[str, int] | None,
+) -> None:
+    """``ntoken`` and ``pad_id`` into ``kw``: from the weights, then the vocabulary, then args."""
+    pad_token = kw["pad_token"]
+    emb = tuple(sd["encoder.embedding.weight"].shape) if "encoder.embedding.weight" in sd else None
+    if emb is not None:
+        kw["ntoken"] = emb[0]
+        if emb[1] != kw["d_model"]:
+            raise CheckpointError(
+                f"args.json says embsize={kw['d_model']} but the gene embedding has width "
+                f"{emb[1]}; fix embsize in args.json"
+            )
+    elif vocab is not None:
+        kw["ntoken"] = len(vocab)
+    elif "ntoken" in args:
+        kw["ntoken"] = int(args["ntoken"])
+    else:
+        raise CheckpointError("cannot tell the vocabulary size: provide vocab.json")
+    if vocab is not None:
+        if pad_token not in vocab:
+            raise CheckpointError(
+                f"the vocabulary has no pad token {pad_token!r}; add it to vocab.json or "
+                "set pad_token in args.json"
+            )
+        kw["pad_id"] = int(vocab[pad_token])
+    elif "pad_id" in args:
+        kw["pad_id"] = int(args["pad_id"])
+
+
+def _heads_and_encoders(
+    kw: dict[str, Any], args: Mapping[str, Any], sd: Mapping[str, Any], keys: set[str]
+) -> None:
+    """Heads, encoders and their sizes into ``kw``: read off the weights when there are
+    any (the layer count must match ``nlayers``), else from scGPT's args keys."""
+    if keys:
+        kw.update(_infer_from_weights(sd, keys, kw["d_model"]))
+        layer_ids = {
+            int(m.group(1))
+            for k in keys
+            if (m := re.match(r"transformer_encoder\.layers\.(\d+)\.", k))
+        }
+        if layer_ids and len(layer_ids) != kw["nlayers"]:
+            raise CheckpointError(
+                f"args.json says nlayers={kw['nlayers']} but the weights hold "
+                f"{len(layer_ids)} transformer layers; fix nlayers in args.json"
+            )
+    elif "n_layers_cls" in args:
+        kw["nlayers_cls"] = int(args["n_layers_cls"])
+    if "n_layers_cls" in args and "nlayers_cls" not in kw:
+        kw["nlayers_cls"] = int(args["n_layers_cls"])
+    if "n_bins" in args and kw.get("input_emb_style") != "category":
+        kw["n_input_bins"] = int(args["n_bins"])
+    if "MVC" in args and not keys:
+        kw["do_mvc"] = bool(args["MVC"])
 
 
 # Upper bounds far above any published model; larger values are typos that would allocate

@@ -289,15 +289,9 @@ class CellTransformer(nn.Module):
         pert_flags = input_pert_flags if pert_flags is None else pert_flags
         if gene_ids is None or values is None:
             raise InputError("forward needs gene_ids (or src) and values")
-        if not c.generator and pert_flags is not None:
-            if pert_flags.dtype != torch.bool:
-                raise InputError(
-                    "pert_flags given to a model without a perturbation encoder; pass the "
-                    "padding mask as padding_mask= (or build the model with generator=True)"
-                )
-            if batch_labels is None and padding_mask is not None:
-                batch_labels = padding_mask
-            padding_mask, pert_flags = pert_flags, None
+        padding_mask, pert_flags, batch_labels = self._scgpt_positional(
+            padding_mask, pert_flags, batch_labels
+        )
         padding_mask = self._check_inputs(gene_ids, values, pert_flags, padding_mask)
         values = values.to(self.encoder.embedding.weight.dtype)
 
@@ -310,16 +304,7 @@ class CellTransformer(nn.Module):
         if c.use_batch_labels:
             batch_emb = self.batch_encoder(labels, known)
 
-        out: dict[str, Tensor] = {}
-        # the affine (generator) decoder scales the input values; the MLP one sees the batch
-        mlm = self.decoder(h, values) if c.decoder == "affine" else self.decoder(h, batch_emb)
-        if c.explicit_zero_prob and do_sample:
-            out["mlm_output"] = Bernoulli(probs=mlm["zero_probs"]).sample() * mlm["pred"]
-        else:
-            out["mlm_output"] = mlm["pred"]
-        if c.explicit_zero_prob:
-            out["mlm_zero_probs"] = mlm["zero_probs"]
-
+        out = self._mlm_heads(h, values, batch_emb, do_sample)
         cell_emb = self._cell_emb(h, values, padding_mask)
         out["cell_emb"] = cell_emb
         if CLS:
@@ -331,23 +316,75 @@ class CellTransformer(nn.Module):
                 emb_a, emb_b = gather_with_grad(emb_a), gather_with_grad(emb_b)
             out["loss_cce"] = cce_from_embeddings(emb_a, emb_b, temperature=0.5)
         if MVC:
-            if not c.do_mvc:
-                raise InputError("MVC=True but the model has no MVC decoder; build it with do_mvc")
-            query_cell = cell_emb if batch_emb is None else torch.cat([cell_emb, batch_emb], 1)
-            if mvc_gene_ids is not None:  # GEPC queries these genes, not the input tokens
-                ids = mvc_gene_ids if mvc_gene_ids.dim() == 2 else mvc_gene_ids[None]
-                genes = self.encoder(ids).expand(cell_emb.shape[0], -1, -1)
-            mvc = self.mvc_decoder(query_cell, genes)
-            if c.explicit_zero_prob and do_sample and "zero_probs" in mvc:
-                out["mvc_output"] = Bernoulli(probs=mvc["zero_probs"]).sample() * mvc["pred"]
-            else:
-                out["mvc_output"] = mvc["pred"]
-            if "zero_probs" in mvc:
-                out["mvc_zero_probs"] = mvc["zero_probs"]
+            out.update(self._mvc_heads(cell_emb, batch_emb, genes, mvc_gene_ids, do_sample))
         if ECS:
             out["loss_ecs"] = ecs_from_embeddings(cell_emb, c.ecs_threshold)
         if c.do_dab and (DAB is None or DAB):
             out["dab_output"] = self.grad_reverse_discriminator(cell_emb)
+        return out
+
+    def _scgpt_positional(
+        self,
+        padding_mask: Tensor | None,
+        pert_flags: Tensor | None,
+        batch_labels: Tensor | None,
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """(padding_mask, pert_flags, batch_labels) read in scGPT's positional order: for a
+        non-generator model a bool third argument is the padding mask, the fourth the
+        batch labels; anything else in that place is an error."""
+        if self.config.generator or pert_flags is None:
+            return padding_mask, pert_flags, batch_labels
+        if pert_flags.dtype != torch.bool:
+            raise InputError(
+                "pert_flags given to a model without a perturbation encoder; pass the "
+                "padding mask as padding_mask= (or build the model with generator=True)"
+            )
+        if batch_labels is None and padding_mask is not None:
+            batch_labels = padding_mask
+        return pert_flags, None, batch_labels
+
+    def _mlm_heads(
+        self, h: Tensor, values: Tensor, batch_emb: Tensor | None, do_sample: bool
+    ) -> dict[str, Tensor]:
+        """``mlm_output`` (sampled through the zero probabilities with ``do_sample``) and,
+        with ``explicit_zero_prob``, ``mlm_zero_probs``."""
+        c = self.config
+        out: dict[str, Tensor] = {}
+        # the affine (generator) decoder scales the input values; the MLP one sees the batch
+        mlm = self.decoder(h, values) if c.decoder == "affine" else self.decoder(h, batch_emb)
+        if c.explicit_zero_prob and do_sample:
+            out["mlm_output"] = Bernoulli(probs=mlm["zero_probs"]).sample() * mlm["pred"]
+        else:
+            out["mlm_output"] = mlm["pred"]
+        if c.explicit_zero_prob:
+            out["mlm_zero_probs"] = mlm["zero_probs"]
+        return out
+
+    def _mvc_heads(
+        self,
+        cell_emb: Tensor,
+        batch_emb: Tensor | None,
+        genes: Tensor,
+        mvc_gene_ids: Tensor | None,
+        do_sample: bool,
+    ) -> dict[str, Tensor]:
+        """GEPC/MVC: ``mvc_output`` for the input tokens' genes (or ``mvc_gene_ids``) from
+        the cell embedding, and ``mvc_zero_probs`` when the decoder gives them."""
+        c = self.config
+        if not c.do_mvc:
+            raise InputError("MVC=True but the model has no MVC decoder; build it with do_mvc")
+        out: dict[str, Tensor] = {}
+        query_cell = cell_emb if batch_emb is None else torch.cat([cell_emb, batch_emb], 1)
+        if mvc_gene_ids is not None:  # GEPC queries these genes, not the input tokens
+            ids = mvc_gene_ids if mvc_gene_ids.dim() == 2 else mvc_gene_ids[None]
+            genes = self.encoder(ids).expand(cell_emb.shape[0], -1, -1)
+        mvc = self.mvc_decoder(query_cell, genes)
+        if c.explicit_zero_prob and do_sample and "zero_probs" in mvc:
+            out["mvc_output"] = Bernoulli(probs=mvc["zero_probs"]).sample() * mvc["pred"]
+        else:
+            out["mvc_output"] = mvc["pred"]
+        if "zero_probs" in mvc:
+            out["mvc_zero_probs"] = mvc["zero_probs"]
         return out
 
     @torch.no_grad()

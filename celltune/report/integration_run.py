@@ -120,63 +120,61 @@ def _plots(
     return images
 
 
-def run_integrate(
-    adata: AnnData | str | Path,
-    config: IntegrationConfig,
-    out_dir: str | Path,
-    *,
-    resume: bool = False,
+def _train_and_embed(
+    adata: AnnData | str | Path, config: IntegrationConfig, out: Path, resume: bool
 ) -> IntegrationResult:
-    """The ``integrate`` command as a function: fine-tune, embed, evaluate, report.
+    """Fine-tune and embed (:func:`celltune.tasks.integration.integrate`); a path is
+    streamed with ``data.stream``, else read, and streaming an in-memory AnnData is refused."""
+    from celltune.tasks.integration import integrate
 
-    Writes everything listed in ``docs/readme_parts/integration.md`` to ``out_dir`` and
-    returns the :class:`IntegrationResult` with ``metrics`` (a DataFrame, one row per
-    method) filled when a label column was given. ``adata`` may be a path: with
-    ``config.data.stream`` the file is streamed from disk
-    (:func:`celltune.tasks.integration.integrate` with a path), else it is read.
-    """
-    import pandas as pd
+    if not isinstance(adata, (str, Path)) and config.data.stream:
+        from celltune.errors import InputError
 
-    from celltune.data import io
-    from celltune.files import write_json_atomic
-    from celltune.report.html import Section, write_report
-    from celltune.tasks.integration import EMBEDDING_KEY, KNOWN_BASELINES, integrate
+        raise InputError(
+            "data.stream reads the input file from disk: pass its path "
+            "(run_integrate('data.h5ad', cfg, out)), or set data.stream to false"
+        )
+    return integrate(adata, config, out, resume=resume)
 
-    t0 = time.perf_counter()
-    out = Path(out_dir)
-    if isinstance(adata, (str, Path)):  # streamed with data.stream, else read
-        result = integrate(adata, config, out, resume=resume)
-    else:
-        if config.data.stream:
-            from celltune.errors import InputError
 
-            raise InputError(
-                "data.stream reads the input file from disk: pass its path "
-                "(run_integrate('data.h5ad', cfg, out)), or set data.stream to false"
-            )
-        result = integrate(adata, config, out, resume=resume)
-    from celltune.train import distributed as dist_utils
+def _methods_and_notes(
+    ev: AnnData, cfg: IntegrationConfig
+) -> tuple[dict[str, str], dict[str, str]]:
+    """{method: obsm key} for celltune and every baseline computed, and {method: note} for
+    those asked for but skipped or failed."""
+    from celltune.tasks.integration import EMBEDDING_KEY
 
-    if not dist_utils.is_main_process():  # under torchrun only rank 0 evaluates and writes
-        return result
-    cfg = result.config
-    batch_key, label_key = cfg.data.batch_key, cfg.data.label_key
-    assert batch_key is not None
-    ev = _subsample_for_eval(result.processed, cfg.eval.eval_cells, batch_key, cfg.train.seed)
     notes: dict[str, str] = {}
     methods = {"celltune": EMBEDDING_KEY}
     methods.update(_compute_baselines(ev, cfg, notes))
     for name in cfg.eval.baselines:
         if name not in methods and name not in notes:
             notes[name] = "skipped"
+    return methods, notes
 
-    # Baseline embeddings of all cells go into integrated.h5ad too (for side-by-side use).
+
+def _rewrite_with_baselines(
+    result: IntegrationResult, ev: AnnData, methods: dict[str, str], out: Path
+) -> None:
+    """Baseline embeddings of all cells go into integrated.h5ad too (for side-by-side use);
+    only when the evaluation ran on every cell."""
+    from celltune.data import io
+
     if ev.n_obs == result.adata.n_obs:
         for name, key in methods.items():
             if name != "celltune":
                 result.adata.obsm[key] = ev.obsm[key]
         io.write_h5ad(result.adata, out / "integrated.h5ad")
 
+
+def _scib_metrics(
+    ev: AnnData, methods: dict[str, str], cfg: IntegrationConfig, notes: dict[str, str]
+) -> tuple[dict[str, Any], Any, str]:
+    """(metrics.json records, the metrics table or None, why there is no table or "")."""
+    from celltune.tasks.integration import KNOWN_BASELINES
+
+    batch_key, label_key = cfg.data.batch_key, cfg.data.label_key
+    assert batch_key is not None
     metrics: dict[str, Any] = {}
     table = None
     n_batches = ev.obs[batch_key].nunique()
@@ -203,22 +201,30 @@ def run_integrate(
             asked = name == "celltune" or name in cfg.eval.baselines
             why = notes.get(name) or (reason if asked else "not requested (--baselines)")
             metrics[name] = {"skipped": why}
-    write_json_atomic(out / "metrics.json", metrics)
-    result.metrics = table
+    return metrics, table, reason
 
-    images: list[Path] = []
-    if cfg.eval.umap:
-        try:
-            images = _plots(ev, methods, cfg, out, table)
-        except Exception as err:  # plots must not sink a finished run
-            logger.warning("UMAP plots failed: %s: %s", type(err).__name__, err)
-    result.files.update({"metrics": out / "metrics.json", **{p.stem: p for p in images}})
 
-    wall = time.perf_counter() - t0
-    hist = result.history
+def _safe_plots(
+    ev: AnnData, methods: dict[str, str], cfg: IntegrationConfig, out: Path, table: Any
+) -> list[Path]:
+    """:func:`_plots` when ``eval.umap``; a failure is logged, never raised."""
+    if not cfg.eval.umap:
+        return []
+    try:
+        return _plots(ev, methods, cfg, out, table)
+    except Exception as err:  # plots must not sink a finished run
+        logger.warning("UMAP plots failed: %s: %s", type(err).__name__, err)
+        return []
+
+
+def _run_summary(
+    result: IntegrationResult, ev: AnnData, notes: dict[str, str], reason: str, wall: float
+) -> list[str]:
+    """The report's "Run" section: data, training, timing, metric definitions, notes."""
+    batch_key = result.config.data.batch_key
     summary = [
         f"{result.adata.n_obs:,} cells, {ev.obs[batch_key].nunique()} batches ({batch_key}), "
-        f"{result.processed.n_vars:,} genes; {len(hist)} epoch(s) trained, best epoch "
+        f"{result.processed.n_vars:,} genes; {len(result.history)} epoch(s) trained, best epoch "
         f"{result.best_epoch} by validation MSE"
         + (" (stopped early)" if result.stopped_early else "")
         + f"; training {result.train_seconds:.0f} s, whole run {wall:.0f} s.",
@@ -228,11 +234,17 @@ def run_integrate(
     summary += [f"{k}: {v}" for k, v in notes.items()]
     if reason:
         summary.append(f"No metrics table: {reason}.")
-    from celltune.eval.integration_verdict import integration_verdict
+    return summary
 
-    verdict = integration_verdict(metrics)
-    # a verdict that celltune loses to PCA is a warning, so a user cannot miss it
-    logger.log(logging.WARNING if "NOT" in verdict else logging.INFO, "verdict: %s", verdict)
+
+def _report_sections(
+    verdict: str, summary: list[str], table: Any, images: list[Path], hist: Any
+) -> list[Any]:
+    """report.html's sections: verdict, run, scIB metrics, UMAPs, training history."""
+    import pandas as pd
+
+    from celltune.report.html import Section
+
     sections = [Section("Verdict", text=[verdict]), Section("Run", text=summary)]
     if table is not None:
         extra = [c for c in ("seconds", "n_cells", "n_labelled") if c in table.columns]
@@ -250,9 +262,56 @@ def run_integrate(
     keep = [c for c in hist.columns if c in ("epoch", "lr", "time_s") or c.endswith("mse")]
     keep += [c for c in hist.columns if c.endswith(("/loss", "/dab", "/ecs")) and c not in keep]
     sections.append(Section("Training history", tables=[pd.DataFrame(hist[keep])]))
-    write_report(out / "report.html", "celltune integrate", sections, meta=str(out))
-    from celltune.files import write_manifest
+    return sections
 
+
+def run_integrate(
+    adata: AnnData | str | Path,
+    config: IntegrationConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+) -> IntegrationResult:
+    """The ``integrate`` command as a function: fine-tune, embed, evaluate, report.
+
+    Writes everything listed in ``docs/readme_parts/integration.md`` to ``out_dir`` and
+    returns the :class:`IntegrationResult` with ``metrics`` (a DataFrame, one row per
+    method) filled when a label column was given. ``adata`` may be a path: with
+    ``config.data.stream`` the file is streamed from disk
+    (:func:`celltune.tasks.integration.integrate` with a path), else it is read.
+    """
+    from celltune.eval.integration_verdict import integration_verdict
+    from celltune.files import write_json_atomic, write_manifest
+    from celltune.report.html import write_report
+    from celltune.train import distributed as dist_utils
+
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    result = _train_and_embed(adata, config, out, resume)
+    if not dist_utils.is_main_process():  # under torchrun only rank 0 evaluates and writes
+        return result
+    cfg = result.config
+    assert cfg.data.batch_key is not None
+    ev = _subsample_for_eval(
+        result.processed, cfg.eval.eval_cells, cfg.data.batch_key, cfg.train.seed
+    )
+    methods, notes = _methods_and_notes(ev, cfg)
+    _rewrite_with_baselines(result, ev, methods, out)
+
+    metrics, table, reason = _scib_metrics(ev, methods, cfg, notes)
+    write_json_atomic(out / "metrics.json", metrics)
+    result.metrics = table
+
+    images = _safe_plots(ev, methods, cfg, out, table)
+    result.files.update({"metrics": out / "metrics.json", **{p.stem: p for p in images}})
+
+    wall = time.perf_counter() - t0
+    summary = _run_summary(result, ev, notes, reason, wall)
+    verdict = integration_verdict(metrics)
+    # a verdict that celltune loses to PCA is a warning, so a user cannot miss it
+    logger.log(logging.WARNING if "NOT" in verdict else logging.INFO, "verdict: %s", verdict)
+    sections = _report_sections(verdict, summary, table, images, result.history)
+    write_report(out / "report.html", "celltune integrate", sections, meta=str(out))
     write_manifest(out)  # last: a manifest.json means the run directory is complete
     result.files["report"] = out / "report.html"
     logger.info("wrote %s (%.0f s in all)", out / "report.html", wall)

@@ -66,83 +66,119 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        # Try the exact type first so that e.g. ``bool | str`` keeps a bool a bool.
-        for arg in sorted(args, key=lambda a: 0 if isinstance(value, _plain(a)) else 1):
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except InputError as err:
-                errors.append(err)
-        raise InputError(
-            f"config key '{key}' must be {_type_name(tp)}, got {value!r}: fix it in the "
-            "YAML file or on the command line"
-        )
+        return _coerce_union(value, tp, key)
     if origin is typing.Literal:
-        allowed = typing.get_args(tp)
-        if value in allowed:
-            return value
-        raise InputError(
-            f"config key '{key}' must be one of {', '.join(repr(a) for a in allowed)}, "
-            f"got {value!r}"
-        )
+        return _coerce_literal(value, tp, key)
     if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, Mapping):
-            raise InputError(
-                f"config key '{key}' is a section and needs a mapping of settings, got "
-                f"{value!r}: indent its settings under '{key}:' in the YAML file"
-            )
-        return config_from_dict(tp, value, _prefix=f"{key}.")
+        return _coerce_section(value, tp, key)
     if origin in (list, tuple, Sequence):
-        (item_tp,) = typing.get_args(tp) or (Any,)
-        if isinstance(value, str):  # "pca,harmony" from a flag or YAML scalar
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise InputError(f"config key '{key}' must be a list, got {value!r}")
-        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in {"true", "yes", "on", "1"}:
-            return True
-        if isinstance(value, str) and value.lower() in {"false", "no", "off", "0"}:
-            return False
-        raise InputError(f"config key '{key}' must be true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise InputError(f"config key '{key}' must be an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value.replace("_", ""))
-            except ValueError:
-                pass
+        return _coerce_list(value, tp, key)
+    scalar = next((f for t, f in _SCALARS.items() if tp is t), None)
+    return value if scalar is None else scalar(value, key)
+
+
+def _coerce_union(value: Any, tp: Any, key: str) -> Any:
+    """The first member of the union ``tp`` that ``value`` fits, trying exact types first."""
+    args = typing.get_args(tp)
+    if value is None and type(None) in args:
+        return None
+    errors = []
+    # Try the exact type first so that e.g. ``bool | str`` keeps a bool a bool.
+    for arg in sorted(args, key=lambda a: 0 if isinstance(value, _plain(a)) else 1):
+        if arg is type(None):
+            continue
+        try:
+            return _coerce(value, arg, key)
+        except InputError as err:
+            errors.append(err)
+    raise InputError(
+        f"config key '{key}' must be {_type_name(tp)}, got {value!r}: fix it in the "
+        "YAML file or on the command line"
+    )
+
+
+def _coerce_literal(value: Any, tp: Any, key: str) -> Any:
+    allowed = typing.get_args(tp)
+    if value in allowed:
+        return value
+    raise InputError(
+        f"config key '{key}' must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}"
+    )
+
+
+def _coerce_section(value: Any, tp: Any, key: str) -> Any:
+    """A nested config dataclass from a mapping (an instance passes as is)."""
+    if isinstance(value, tp):
+        return value
+    if not isinstance(value, Mapping):
+        raise InputError(
+            f"config key '{key}' is a section and needs a mapping of settings, got "
+            f"{value!r}: indent its settings under '{key}:' in the YAML file"
+        )
+    return config_from_dict(tp, value, _prefix=f"{key}.")
+
+
+def _coerce_list(value: Any, tp: Any, key: str) -> list[Any]:
+    """A list of coerced items; a string is split on commas."""
+    (item_tp,) = typing.get_args(tp) or (Any,)
+    if isinstance(value, str):  # "pca,harmony" from a flag or YAML scalar
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, (list, tuple)):
+        raise InputError(f"config key '{key}' must be a list, got {value!r}")
+    return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+
+
+def _coerce_bool(value: Any, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in {"true", "yes", "on", "1"}:
+        return True
+    if isinstance(value, str) and value.lower() in {"false", "no", "off", "0"}:
+        return False
+    raise InputError(f"config key '{key}' must be true or false, got {value!r}")
+
+
+def _coerce_int(value: Any, key: str) -> int:
+    if isinstance(value, bool):
         raise InputError(f"config key '{key}' must be an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, bool):
-            raise InputError(f"config key '{key}' must be a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.replace("_", ""))
+        except ValueError:
+            pass
+    raise InputError(f"config key '{key}' must be an integer, got {value!r}")
+
+
+def _coerce_float(value: Any, key: str) -> float:
+    if isinstance(value, bool):
         raise InputError(f"config key '{key}' must be a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, (str, os.PathLike)):
-            return str(value)
-        raise InputError(f"config key '{key}' must be a string, got {value!r}")
-    return value
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise InputError(f"config key '{key}' must be a number, got {value!r}")
+
+
+def _coerce_str(value: Any, key: str) -> str:
+    if isinstance(value, (str, os.PathLike)):
+        return str(value)
+    raise InputError(f"config key '{key}' must be a string, got {value!r}")
+
+
+#: scalar annotations and their coercers; any other annotation passes the value through
+_SCALARS: dict[Any, Any] = {
+    bool: _coerce_bool,
+    int: _coerce_int,
+    float: _coerce_float,
+    str: _coerce_str,
+}
 
 
 def _plain(tp: Any) -> type | tuple[type, ...]:

@@ -208,45 +208,31 @@ def _prepare(adata: AnnData, cfg: AnnotationConfig, pretrained: Any) -> tuple[An
     return preprocess(adata, pp_cfg, quiet=cfg.train.quiet), pp_cfg, n_matched
 
 
-def train_annotation(
-    adata: AnnData,
-    config: AnnotationConfig | Mapping[str, Any] | None = None,
-    out_dir: str | Path | None = None,
-    *,
-    resume: bool = False,
-) -> AnnotationResult:
-    """Fine-tune a cell-type classifier on the labelled reference ``adata``.
-
-    10% of every class is held out (seeded) for validation; the best epoch by validation
-    macro-F1 is kept and training stops after ``train.patience`` epochs without a gain.
-    ``out_dir`` gets ``config.yaml``, ``history.csv``, ``checkpoint.pt`` (``--resume``) and
-    ``model/`` (scGPT format + ``labels.json`` + ``celltune_task.json``).
-    """
-    import tempfile
-
-    from sklearn.metrics import f1_score
-
-    from celltune.data.dataset import CellDataset
-    from celltune.data.vocab import GeneVocab
-    from celltune.model.checkpoint import load_model, save_model
-    from celltune.tasks.config import dump_config
-    from celltune.tasks.integration import stratified_split
-    from celltune.train import Trainer, make_loader
-
+def _resolve_config(config: AnnotationConfig | Mapping[str, Any] | None) -> AnnotationConfig:
+    """A validated copy of ``config`` (an AnnotationConfig, a mapping, or None: defaults)."""
     cfg = copy.deepcopy(config) if isinstance(config, AnnotationConfig) else None
     cfg = cfg or AnnotationConfig.from_dict(config if isinstance(config, Mapping) else None)
     cfg.validate()
-    ref = check_reference(adata, cfg)
-    tmp = tempfile.TemporaryDirectory(prefix="celltune-annotate-") if out_dir is None else None
-    out = Path(tmp.name if tmp else out_dir)  # type: ignore[arg-type]
-    _open_run_dir(out, resume)
-    if out_dir is not None:
-        dump_config(cfg, out / "config.yaml", header="celltune annotate train: resolved config")
+    return cfg
+
+
+def _load_pretrained(cfg: AnnotationConfig) -> Any:
+    """The ``cfg.pretrained`` model on CPU (None without one); it must carry a vocab."""
+    from celltune.model.checkpoint import load_model
 
     pretrained = load_model(cfg.pretrained, device="cpu") if cfg.pretrained else None
     if pretrained is not None and pretrained.vocab is None:
         raise InputError(f"pretrained model {cfg.pretrained} has no vocab.json")
-    pp, _, n_matched = _prepare(ref, cfg, pretrained)
+    return pretrained
+
+
+def _vocab_and_labels(
+    pp: AnnData, cfg: AnnotationConfig, pretrained: Any
+) -> tuple[list[str], Any, np.ndarray, list[str], list[str] | None]:
+    """(genes, vocab, gene ids, sorted labels, sorted batches or None) of the preprocessed
+    reference; its label (and batch) columns become strings in place."""
+    from celltune.data.vocab import GeneVocab
+
     genes = list(gene_names(pp, cfg.gene_column))
     vocab = pretrained.vocab if pretrained is not None else GeneVocab.from_genes(genes)
     gene_ids = np.asarray(vocab.match_genes(genes).ids, dtype=np.int64)
@@ -256,6 +242,22 @@ def train_annotation(
     if cfg.batch_key:
         pp.obs[cfg.batch_key] = pp.obs[cfg.batch_key].astype(str)
         batch_cats = sorted(pp.obs[cfg.batch_key].unique())
+    return genes, vocab, gene_ids, labels, batch_cats
+
+
+def _loaders(
+    pp: AnnData,
+    cfg: AnnotationConfig,
+    vocab: Any,
+    gene_ids: np.ndarray,
+    labels: list[str],
+    batch_cats: list[str] | None,
+) -> tuple[Any, Any, Any]:
+    """(train loader, validation loader, validation dataset) over a seeded, per-class
+    ``cfg.valid_fraction`` hold-out; the train loader is class-balanced with ``balanced``."""
+    from celltune.data.dataset import CellDataset
+    from celltune.tasks.integration import stratified_split
+    from celltune.train import make_loader
 
     train_idx, val_idx = stratified_split(pp.obs[cfg.label_key], cfg.valid_fraction, cfg.train.seed)
     kw: dict[str, Any] = {
@@ -281,11 +283,83 @@ def train_annotation(
         f"{train_idx.size:,}",
         f"{val_idx.size:,}",
         len(labels),
-        len(genes),
+        int(gene_ids.size),
     )
+    return train_loader, val_loader, val_ds
+
+
+def _validation_fn(val_loader: Any, val_ds: Any, n_labels: int) -> Any:
+    """The Trainer's ``eval_fn``: validation macro-F1 (the kept metric), accuracy and CE."""
+    from sklearn.metrics import f1_score
+
+    def eval_fn(net: nn.Module, ctx: Any) -> dict[str, float]:
+        probs, rows = class_probabilities(net, val_loader, ctx.device)
+        y = val_ds.celltype_labels[rows]
+        pred = probs.argmax(1)
+        ce = float(-np.log(np.maximum(probs[np.arange(y.size), y], 1e-12)).mean())
+        return {
+            "val/macro_f1": float(f1_score(y, pred, average="macro", labels=range(n_labels))),
+            "val/accuracy": float((pred == y).mean()),
+            "val/loss": ce,
+        }
+
+    return eval_fn
+
+
+def _save_run(
+    model: nn.Module,
+    out: Path,
+    vocab: Any,
+    cfg: AnnotationConfig,
+    labels: list[str],
+    genes: list[str],
+    history_path: Path,
+) -> tuple[Path, dict[str, Path]]:
+    """OUT/model/ (scGPT format + celltune_task.json + labels.json); (model dir, files)."""
+    from celltune.model.checkpoint import save_model
+
+    mdir = out / "model"
+    save_model(model, mdir, vocab)
+    write_json_atomic(mdir / TASK_FILE, task_record(cfg, labels, genes))
+    write_json_atomic(mdir / LABELS_FILE, labels)
+    return mdir, {"model": mdir, "history": history_path, "config": out / "config.yaml"}
+
+
+def train_annotation(
+    adata: AnnData,
+    config: AnnotationConfig | Mapping[str, Any] | None = None,
+    out_dir: str | Path | None = None,
+    *,
+    resume: bool = False,
+) -> AnnotationResult:
+    """Fine-tune a cell-type classifier on the labelled reference ``adata``.
+
+    10% of every class is held out (seeded) for validation; the best epoch by validation
+    macro-F1 is kept and training stops after ``train.patience`` epochs without a gain.
+    ``out_dir`` gets ``config.yaml``, ``history.csv``, ``checkpoint.pt`` (``--resume``) and
+    ``model/`` (scGPT format + ``labels.json`` + ``celltune_task.json``).
+    """
+    import tempfile
 
     import torch
 
+    from celltune.tasks.config import dump_config
+    from celltune.train import Trainer
+
+    cfg = _resolve_config(config)
+    ref = check_reference(adata, cfg)
+    tmp = tempfile.TemporaryDirectory(prefix="celltune-annotate-") if out_dir is None else None
+    out = Path(tmp.name if tmp else out_dir)  # type: ignore[arg-type]
+    _open_run_dir(out, resume)
+    if out_dir is not None:
+        dump_config(cfg, out / "config.yaml", header="celltune annotate train: resolved config")
+
+    pretrained = _load_pretrained(cfg)
+    pp, _, n_matched = _prepare(ref, cfg, pretrained)
+    genes, vocab, gene_ids, labels, batch_cats = _vocab_and_labels(pp, cfg, pretrained)
+    train_loader, val_loader, val_ds = _loaders(pp, cfg, vocab, gene_ids, labels, batch_cats)
+
+    tc = cfg.train
     torch.manual_seed(tc.seed)
     model = build_model(cfg, vocab, len(labels), len(batch_cats or []), pretrained)
     model = apply_finetune_mode(model, cfg.finetune)
@@ -294,17 +368,7 @@ def train_annotation(
     def step_fn(net: nn.Module, batch: Mapping[str, torch.Tensor], ctx: Any) -> Any:
         return objective(net, batch)
 
-    def eval_fn(net: nn.Module, ctx: Any) -> dict[str, float]:
-        probs, rows = class_probabilities(net, val_loader, ctx.device)
-        y = val_ds.celltype_labels[rows]
-        pred = probs.argmax(1)
-        ce = float(-np.log(np.maximum(probs[np.arange(y.size), y], 1e-12)).mean())
-        return {
-            "val/macro_f1": float(f1_score(y, pred, average="macro", labels=range(len(labels)))),
-            "val/accuracy": float((pred == y).mean()),
-            "val/loss": ce,
-        }
-
+    eval_fn = _validation_fn(val_loader, val_ds, len(labels))
     trainer = Trainer(model, tc, step_fn=step_fn, eval_fn=eval_fn, out_dir=out)
     t0 = time.perf_counter()
     history = trainer.fit(train_loader, resume=resume)
@@ -313,11 +377,7 @@ def train_annotation(
     files: dict[str, Path] = {}
     mdir = None
     if out_dir is not None:
-        mdir = out / "model"
-        save_model(model, mdir, vocab)
-        write_json_atomic(mdir / TASK_FILE, task_record(cfg, labels, genes))
-        write_json_atomic(mdir / LABELS_FILE, labels)
-        files = {"model": mdir, "history": trainer.history_path, "config": out / "config.yaml"}
+        mdir, files = _save_run(model, out, vocab, cfg, labels, genes, trainer.history_path)
     if tmp is not None:
         tmp.cleanup()
     logger.info(
