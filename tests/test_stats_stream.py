@@ -1,4 +1,4 @@
-"""``celltune stats --stream``: the figures from a file read chunk by chunk equal the in-memory ones."""
+"""``celltune stats --stream``: figures from a file read in chunks equal the in-memory ones."""
 
 from __future__ import annotations
 
@@ -65,16 +65,15 @@ def test_streamed_stats_equal_in_memory_papalexi(papalexi_file, chunk_rows) -> N
 
 def test_chunk_size_changes_sums_by_rounding_only(papalexi_file) -> None:
     adata, _ = papalexi_file
-    a = ps.compute_perturbation_stats(adata, methods=["t-test"], condition_key="perturbation",
-                                      control="control")  # fmt: skip
-    b = ps.compute_perturbation_stats(adata, methods=["t-test"], condition_key="perturbation",
-                                      control="control", chunk_rows=97)  # fmt: skip
+    kw = {"condition_key": "perturbation", "control": "control", "methods": ["t-test"]}
+    a = ps.compute_perturbation_stats(adata, **kw)
+    b = ps.compute_perturbation_stats(adata, chunk_rows=97, **kw)
     num = a.per_gene.select_dtypes("number").columns
     np.testing.assert_allclose(a.per_gene[num], b.per_gene[num], rtol=1e-9, atol=1e-12)
 
 
 def test_streamed_stats_equal_in_memory_adamson(adamson_mini_path) -> None:
-    """Log-normalised GEARS input (no normalisation) from .h5ad and from .zarr."""
+    """Log-normalised GEARS input (used as is, no normalisation)."""
     adata = ad.read_h5ad(adamson_mini_path)
     mem = ps.compute_perturbation_stats(adata, methods=["t-test"], chunk_rows=50)
     with StoreSource(adamson_mini_path) as src:
@@ -106,7 +105,9 @@ def test_cli_stats_stream(tmp_path, papalexi_file) -> None:
     out = tmp_path / "s"
     args = ["stats", str(path), "--condition-key", "perturbation", "--control", "control"]
     args += ["--methods", "t-test", "--out", str(out)]
-    res = CliRunner().invoke(app, [*args, "--stream", "--de-max-cells", "60", "--chunk-rows", "500"])
+    res = CliRunner().invoke(
+        app, [*args, "--stream", "--de-max-cells", "60", "--chunk-rows", "500"]
+    )
     assert res.exit_code == 0, res.output
     assert "seeded subsample of at most 60 cells" in res.output
     s = json.loads((out / "stats.json").read_text())
