@@ -44,6 +44,7 @@ from celltune.analysis.perturbation_groups import (
 )
 from celltune.analysis.perturbation_pass import (
     CHUNK_ROWS,
+    Moments,
     accumulate,
     de_rows,
     half_labels,
@@ -91,10 +92,8 @@ def compute_perturbation_stats(
     ``data`` is an AnnData or a :class:`~celltune.data.source.CellSource` (a
     ``StoreSource`` streams the file: ``celltune stats --stream``). Moments come from the
     same chunked passes either way (``perturbation_pass``), so they are equal. DE tests
-    run per perturbation on its cells and the control cells; ``de_max_cells`` bounds each
-    group (perturbation or control) to a seeded subsample of that many cells. With an
-    AnnData and ``de_max_cells=None`` all groups are tested in one scanpy call on the
-    whole matrix (the same figures: scanpy tests each group against the reference only).
+    run per perturbation vs the control cells, each group a seeded subsample of at most
+    ``de_max_cells``; an AnnData without a cap is tested in one scanpy call (same figures).
     """
     from celltune.analysis.perturbation_systematic import systematic_from_sums
 
@@ -103,19 +102,11 @@ def compute_perturbation_stats(
     if de_max_cells is not None and de_max_cells < min_cells:
         raise InputError(f"--de-max-cells must be >= {min_cells}, got {de_max_cells}")
     g = _groups(source.obs_column(condition_key, "the conditions"), condition_key, control)
-    kind, totals = scan_input(source, chunk_rows)
-    logger.info("input assumed to be %s", kind)
-    target = library_target(totals) if kind == RAW else None
-    half = half_labels(g.codes, g.n_groups, seed)
-    mom = accumulate(source, g.codes, g.n_groups, half, totals, target, chunk_rows)
+    kind, totals, target, mom = _passes(source, g, chunk_rows, seed)
     zeros = _zeros(mom.nnz, g)
     var = _variance(mom.sums, mom.sumsq, g)
     c_mean, c_var, phi = _control_mean_variance(mom.ctrl_sum, mom.ctrl_sumsq, g)
-    genes = pd.Index(source.var_names().astype(str))
-    var_frame = source.var_frame()
-    symbols = (
-        pd.Index(var_frame["gene_name"].astype(str)) if "gene_name" in var_frame.columns else genes
-    )
+    genes, symbols = _gene_names(source)
     perts = list(g.cats[1:])
     tested = [p for p in perts if g.n_cells[g.cats.get_loc(p)] >= min_cells]
     if g.n_cells[0] < min_cells:
@@ -163,6 +154,27 @@ def compute_perturbation_stats(
 
 
 # ---------------------------------------------------------------- steps
+
+
+def _passes(
+    source: CellSource, g: _Groups, chunk_rows: int, seed: int
+) -> tuple[str, np.ndarray, float | None, Moments]:
+    """Input kind, library sizes, normalisation target and every moment (two passes)."""
+    kind, totals = scan_input(source, chunk_rows)
+    logger.info("input assumed to be %s", kind)
+    target = library_target(totals) if kind == RAW else None
+    half = half_labels(g.codes, g.n_groups, seed)
+    mom = accumulate(source, g.codes, g.n_groups, half, totals, target, chunk_rows)
+    return kind, totals, target, mom
+
+
+def _gene_names(source: CellSource) -> tuple[pd.Index, pd.Index]:
+    """Gene ids and symbols (``var['gene_name']`` when present)."""
+    genes = pd.Index(source.var_names().astype(str))
+    var_frame = source.var_frame()
+    if "gene_name" in var_frame.columns:
+        return genes, pd.Index(var_frame["gene_name"].astype(str))
+    return genes, genes
 
 
 def _check_arguments(

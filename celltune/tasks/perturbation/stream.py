@@ -12,6 +12,7 @@ the whole matrix, so each row holds the same float32 values on both paths.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,8 @@ from celltune.errors import InputError
 
 if TYPE_CHECKING:
     from anndata import AnnData
+
+logger = logging.getLogger(__name__)
 
 #: rows per chunk of the checking pass and of row means
 SCAN_ROWS = 8192
@@ -110,7 +113,6 @@ def read_prepared_stream(path: str | os.PathLike[str]) -> tuple[AnnData, StoreSo
 def check_prepared_stream(meta: AnnData, source: StoreSource, where: str) -> None:
     """``check_prepared`` on a file: the ``X`` checks over row chunks, the rest on obs."""
     from celltune.tasks.perturbation.config import CTRL
-    from celltune.tasks.perturbation.data import logger
 
     fix = "Fix: run 'celltune perturb prepare RAW.h5ad --out DATA.h5ad' and train on DATA.h5ad."
     n_vals, all_int, vmin, vmax, nz_min = 0, True, np.inf, -np.inf, np.inf

@@ -118,18 +118,7 @@ def train_perturbation_model(
     """Fine-tune the perturbation-flag transformer on a prepared file (see the package doc)."""
     cfg, out = _open_run(out_dir, config, resume=resume, quiet=quiet)
     t_start = time.perf_counter()
-    store = None
-    if cfg.data.stream:
-        from celltune.tasks.perturbation.stream import check_prepared_stream, read_prepared_stream
-
-        if not isinstance(data, (str, os.PathLike)):
-            raise InputError("data.stream (--stream) reads a file: pass the prepared file's path")
-        # obs/var/uns in memory (``adata`` has no X); expression rows read per mini-batch
-        adata, store, source = read_prepared_stream(data)
-        check_prepared_stream(adata, store, source)
-    else:
-        adata, source = read_prepared(data)
-        check_prepared(adata, source)
+    adata, store, source = _read_data(data, cfg)
     torch.manual_seed(cfg.train.seed)
     g = _resolve_genes(adata, cfg, source, store)
     pdata = g.pdata
@@ -188,6 +177,24 @@ def train_perturbation_model(
         out / "model",
     )
     return PerturbationRun(out_dir=out, model=model, history=history, info=info)
+
+
+def _read_data(
+    data: AnnData | str | os.PathLike[str], cfg: PerturbConfig
+) -> tuple[AnnData, StoreSource | None, str]:
+    """The prepared data, checked: in memory, or (``data.stream``) obs/var/uns in an AnnData
+    without X plus the file as a ``StoreSource`` whose rows are read per mini-batch."""
+    if not cfg.data.stream:
+        adata, source = read_prepared(data)
+        check_prepared(adata, source)
+        return adata, None, source
+    from celltune.tasks.perturbation.stream import check_prepared_stream, read_prepared_stream
+
+    if not isinstance(data, (str, os.PathLike)):
+        raise InputError("data.stream (--stream) reads a file: pass the prepared file's path")
+    adata, store, source = read_prepared_stream(data)
+    check_prepared_stream(adata, store, source)
+    return adata, store, source
 
 
 def _open_run(
