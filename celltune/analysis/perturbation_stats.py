@@ -7,8 +7,12 @@ to the spread in control cells, whether the perturbed gene itself changes, and a
 variance decomposition (within vs between perturbation groups) with the mean–variance
 relationship.
 
-Everything is computed from sparse per-group sums (an indicator matrix times ``X``), so
-memory grows with the non-zeros plus a dense (groups × genes) table, never cells × genes.
+Everything but the DE tests is computed from per-group sums accumulated over row chunks
+(``perturbation_pass``: an indicator matrix times each chunk), so memory is one chunk plus
+dense (groups × genes) tables; the same passes read an AnnData or a file on disk
+(``celltune stats --stream``), so both give the same figures. The DE tests need a group's
+cells at once: per perturbation, on its cells and the control cells, optionally a
+bounded seeded subsample of each (``de_max_cells``).
 Raw counts are normalised (total counts) + log1p before the DE tests and the variance
 decomposition; the mean–variance / over-dispersion figures use the counts themselves.
 
@@ -36,12 +40,20 @@ from celltune.analysis.perturbation_groups import (
     RAW,
     condition_targets,
     detect_input_kind,
-    group_moments,
-    log_normalise,
     rank_genes,
 )
+from celltune.analysis.perturbation_pass import (
+    CHUNK_ROWS,
+    Moments,
+    accumulate,
+    de_rows,
+    half_labels,
+    library_target,
+    read_log_rows,
+    scan_input,
+)
 from celltune.analysis.perturbation_summary import report_sentences, summarise
-from celltune.data.io import get_matrix
+from celltune.data.source import AnnDataSource, CellSource, open_source
 from celltune.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -61,7 +73,7 @@ class PerturbationStats:
 
 
 def compute_perturbation_stats(
-    adata: AnnData,
+    data: AnnData | CellSource,
     *,
     condition_key: str = "condition",
     control: str = "ctrl",
@@ -71,24 +83,30 @@ def compute_perturbation_stats(
     methods: Sequence[str] = METHODS,
     n_top_de: int = 20,
     min_cells: int = 3,
+    chunk_rows: int = CHUNK_ROWS,
+    de_max_cells: int | None = None,
+    seed: int = 0,
 ) -> PerturbationStats:
-    """Compute every figure of issue 6 (see the module docstring)."""
-    methods = _check_arguments(adata, condition_key, pval, min_lfc, methods)
-    X = get_matrix(adata, layer)
-    X = X.tocsr() if sp.issparse(X) else sp.csr_matrix(np.asarray(X))
-    X.sum_duplicates()
-    kind = detect_input_kind(X)
-    logger.info("input assumed to be %s", kind)
-    g = _groups(adata, condition_key, control)
-    zeros = _zeros(X, g)
-    # log-normalised values for DE and variance (one float32 copy at most)
-    Xlog = log_normalise(X) if kind == RAW else X.astype(np.float32, copy=False)
-    var = _variance(Xlog, g)
-    c_mean, c_var, phi = _control_mean_variance(X, g)
-    genes = pd.Index(adata.var_names.astype(str))
-    symbols = (
-        pd.Index(adata.var["gene_name"].astype(str)) if "gene_name" in adata.var.columns else genes
-    )
+    """Compute every figure of issue 6 (see the module docstring).
+
+    ``data`` is an AnnData or a :class:`~celltune.data.source.CellSource` (a
+    ``StoreSource`` streams the file: ``celltune stats --stream``). Moments come from the
+    same chunked passes either way (``perturbation_pass``), so they are equal. DE tests
+    run per perturbation vs the control cells, each group a seeded subsample of at most
+    ``de_max_cells``; an AnnData without a cap is tested in one scanpy call (same figures).
+    """
+    from celltune.analysis.perturbation_systematic import systematic_from_sums
+
+    source = open_source(data, layer)
+    methods = _check_arguments(source.obs_keys(), condition_key, pval, min_lfc, methods)
+    if de_max_cells is not None and de_max_cells < min_cells:
+        raise InputError(f"--de-max-cells must be >= {min_cells}, got {de_max_cells}")
+    g = _groups(source.obs_column(condition_key, "the conditions"), condition_key, control)
+    kind, totals, target, mom = _passes(source, g, chunk_rows, seed)
+    zeros = _zeros(mom.nnz, g)
+    var = _variance(mom.sums, mom.sumsq, g)
+    c_mean, c_var, phi = _control_mean_variance(mom.ctrl_sum, mom.ctrl_sumsq, g)
+    genes, symbols = _gene_names(source)
     perts = list(g.cats[1:])
     tested = [p for p in perts if g.n_cells[g.cats.get_loc(p)] >= min_cells]
     if g.n_cells[0] < min_cells:
@@ -96,11 +114,9 @@ def compute_perturbation_stats(
             f"only {int(g.n_cells[0])} control cell(s); DE tests need at least {min_cells}. "
             "Fix: check --control."
         )
-    de: dict[str, pd.DataFrame] = {}
-    for m in methods:
-        if tested:
-            logger.info("rank_genes_groups (%s) on %d perturbations", m, len(tested))
-            de[m] = rank_genes(Xlog, g.cond, control, tested, m, genes)
+    de, de_info = _de(
+        source, g, tested, control, methods, genes, (totals, target), chunk_rows, de_max_cells, seed
+    )
     per_pert, top_rows = _per_perturbation(
         g, zeros, var, de, genes, symbols, tested, control, pval, min_lfc, methods, n_top_de
     )
@@ -113,7 +129,7 @@ def compute_perturbation_stats(
         zero_ctrl=zeros["ctrl"],
         zero_pert=zeros["pert"],
         n_cells=g.n_cells,
-        n_genes=X.shape[1],
+        n_genes=source.n_vars,
         skipped=[p for p in perts if p not in tested],
         params={
             "condition_key": condition_key,
@@ -124,11 +140,14 @@ def compute_perturbation_stats(
             "methods": list(methods),
             "n_top_de": n_top_de,
             "min_cells": min_cells,
+            "de_max_cells": de_max_cells,
+            "streamed": not isinstance(source, AnnDataSource),
         },
     )
-    from celltune.analysis.perturbation_systematic import systematic_variation
-
-    sys_table, summary["systematic_variation"] = systematic_variation(Xlog, g.codes, list(g.cats))
+    summary["de_cells"] = de_info
+    sys_table, summary["systematic_variation"] = systematic_from_sums(
+        mom.sums, g.n_cells, mom.half_sums, mom.half_n, list(g.cats)
+    )
     per_pert = per_pert.merge(sys_table, on="perturbation", how="left")
     mv = pd.DataFrame({"mean": c_mean, "var": c_var})
     return PerturbationStats(summary, per_pert, per_gene, pd.DataFrame(top_rows), mv)
@@ -137,8 +156,29 @@ def compute_perturbation_stats(
 # ---------------------------------------------------------------- steps
 
 
+def _passes(
+    source: CellSource, g: _Groups, chunk_rows: int, seed: int
+) -> tuple[str, np.ndarray, float | None, Moments]:
+    """Input kind, library sizes, normalisation target and every moment (two passes)."""
+    kind, totals = scan_input(source, chunk_rows)
+    logger.info("input assumed to be %s", kind)
+    target = library_target(totals) if kind == RAW else None
+    half = half_labels(g.codes, g.n_groups, seed)
+    mom = accumulate(source, g.codes, g.n_groups, half, totals, target, chunk_rows)
+    return kind, totals, target, mom
+
+
+def _gene_names(source: CellSource) -> tuple[pd.Index, pd.Index]:
+    """Gene ids and symbols (``var['gene_name']`` when present)."""
+    genes = pd.Index(source.var_names().astype(str))
+    var_frame = source.var_frame()
+    if "gene_name" in var_frame.columns:
+        return genes, pd.Index(var_frame["gene_name"].astype(str))
+    return genes, genes
+
+
 def _check_arguments(
-    adata: AnnData, condition_key: str, pval: float, min_lfc: float, methods: Sequence[str]
+    obs_keys: Sequence[str], condition_key: str, pval: float, min_lfc: float, methods: Sequence[str]
 ) -> list[str]:
     """The DE methods, stripped; ``InputError`` for a bad argument or a missing column."""
     methods = [m.strip() for m in methods if m.strip()]
@@ -149,10 +189,10 @@ def _check_arguments(
         raise InputError(f"--pval must be in (0, 1], got {pval}. Fix: e.g. --pval 0.05.")
     if min_lfc < 0:
         raise InputError(f"--min-lfc must be >= 0, got {min_lfc}. Fix: e.g. --min-lfc 1.")
-    if condition_key not in adata.obs.columns:
+    if condition_key not in obs_keys:
         raise InputError(
             f"obs column {condition_key!r} not found (columns: "
-            f"{', '.join(map(str, adata.obs.columns))}). Fix: pass --condition-key."
+            f"{', '.join(map(str, obs_keys))}). Fix: pass --condition-key."
         )
     return methods
 
@@ -171,8 +211,8 @@ class _Groups:
         return len(self.cats)
 
 
-def _groups(adata: AnnData, condition_key: str, control: str) -> _Groups:
-    cond = adata.obs[condition_key].astype(str).reset_index(drop=True)
+def _groups(column: pd.Series, condition_key: str, control: str) -> _Groups:
+    cond = column.astype(str).reset_index(drop=True)
     if not (cond == control).any():
         found = ", ".join(repr(c) for c in pd.unique(cond)[:8])
         raise InputError(
@@ -185,10 +225,9 @@ def _groups(adata: AnnData, condition_key: str, control: str) -> _Groups:
     return _Groups(cond, cats, codes, n_cells)
 
 
-def _zeros(X: sp.csr_matrix, g: _Groups) -> dict[str, Any]:
+def _zeros(nnz_g: np.ndarray, g: _Groups) -> dict[str, Any]:
     """Zero fractions (the pattern is identical in counts and log data)."""
-    n_genes = X.shape[1]
-    nnz_g, _, _ = group_moments(X, g.codes, g.n_groups, values=False)
+    n_genes = nnz_g.shape[1]
     n_cells = g.n_cells
     n_pert_cells = n_cells[1:].sum()
     return {
@@ -203,10 +242,9 @@ def _zeros(X: sp.csr_matrix, g: _Groups) -> dict[str, Any]:
     }
 
 
-def _variance(Xlog: sp.csr_matrix, g: _Groups) -> dict[str, np.ndarray]:
+def _variance(sums: np.ndarray, sumsq: np.ndarray, g: _Groups) -> dict[str, np.ndarray]:
     """Group means and variances, and the within / between decomposition per gene."""
     n_cells = g.n_cells
-    _, sums, sumsq = group_moments(Xlog, g.codes, g.n_groups, values=True)
     means = sums / n_cells[:, None]
     ss_within_g = np.maximum(sumsq - n_cells[:, None] * means**2, 0)
     var_g = ss_within_g / np.maximum(n_cells - 1, 1)[:, None]
@@ -229,18 +267,75 @@ def _variance(Xlog: sp.csr_matrix, g: _Groups) -> dict[str, np.ndarray]:
 
 
 def _control_mean_variance(
-    X: sp.csr_matrix, g: _Groups
+    c_sum: np.ndarray, c_sumsq: np.ndarray, g: _Groups
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Mean, variance and NB over-dispersion in control cells (counts when raw)."""
-    is_ctrl = g.codes == 0
-    n_c = int(is_ctrl.sum())
-    _, c_sum, c_sumsq = group_moments(X[is_ctrl], np.zeros(n_c, np.int64), 1, values=True)
-    c_mean = c_sum[0] / n_c
-    c_var = (c_sumsq[0] - n_c * c_mean**2) / max(n_c - 1, 1)
+    n_c = int(g.n_cells[0])
+    c_mean = c_sum / n_c
+    c_var = (c_sumsq - n_c * c_mean**2) / max(n_c - 1, 1)
     c_var = np.maximum(c_var, 0)
     with np.errstate(invalid="ignore", divide="ignore"):
         phi = np.where(c_mean > 0, (c_var - c_mean) / c_mean**2, np.nan)
     return c_mean, c_var, phi
+
+
+def _de(
+    source: CellSource,
+    g: _Groups,
+    tested: list[str],
+    control: str,
+    methods: list[str],
+    genes: pd.Index,
+    norm: tuple[np.ndarray, float | None],
+    chunk_rows: int,
+    cap: int | None,
+    seed: int,
+) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
+    """scanpy DE tables per method, and which cells they used (``stats.json: de_cells``).
+
+    Whole matrix in one call for an AnnData without a cap; else per perturbation on its
+    (subsampled) cells and the (subsampled) control cells, read from the source."""
+    totals, target = norm
+    de: dict[str, pd.DataFrame] = {}
+    if not tested or not methods:
+        return de, {"mode": "none"}
+    if cap is None and isinstance(source, AnnDataSource):
+        Xlog = read_log_rows(source, np.arange(source.n_obs), totals, target, chunk_rows)
+        for m in methods:
+            logger.info("rank_genes_groups (%s) on %d perturbations", m, len(tested))
+            de[m] = rank_genes(Xlog, g.cond, control, tested, m, genes)
+        return de, {"mode": "all cells, one call", "max_cells_per_group": None}
+    ctrl_rows = de_rows(g.codes, 0, cap, seed)
+    ctrl = read_log_rows(source, ctrl_rows, totals, target, chunk_rows)
+    parts: dict[str, list[pd.DataFrame]] = {m: [] for m in methods}
+    n_sub = {control: int(ctrl_rows.size)}
+    for p in tested:
+        gi = g.cats.get_loc(p)
+        rows = de_rows(g.codes, gi, cap, seed)
+        n_sub[p] = int(rows.size)
+        X = sp.vstack([ctrl, read_log_rows(source, rows, totals, target, chunk_rows)]).tocsr()
+        labels = pd.Series([control] * ctrl_rows.size + [p] * rows.size)
+        for m in methods:
+            parts[m].append(rank_genes(X, labels, control, [p], m, genes))
+    for m in methods:
+        de[m] = pd.concat(parts[m], ignore_index=True)
+    subsampled = {k: v for k, v in n_sub.items() if v < g.n_cells[g.cats.get_loc(k)]}
+    if subsampled:
+        shown = list(subsampled.items())[:8]
+        logger.info(
+            "DE tests on a seeded subsample of at most %d cells per group (seed %d) for %d "
+            "group(s): %s",
+            cap,
+            seed,
+            len(subsampled),
+            ", ".join(f"{k} {v:,}/{int(g.n_cells[g.cats.get_loc(k)]):,}" for k, v in shown),
+        )
+    return de, {
+        "mode": "per perturbation vs control",
+        "max_cells_per_group": cap,
+        "seed": seed,
+        "subsampled_groups": subsampled,
+    }
 
 
 def _per_perturbation(

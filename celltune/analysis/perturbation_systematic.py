@@ -37,21 +37,42 @@ def _r(x: np.ndarray, y: np.ndarray) -> float:
     return float(xc @ yc / d) if d > 0 else float("nan")
 
 
-def _rows_mean(X: Any, rows: np.ndarray) -> np.ndarray:
-    return np.asarray(X[rows].mean(axis=0), dtype=np.float64).ravel()
-
-
 def systematic_variation(
     X: Any, codes: np.ndarray, groups: Sequence[str], seed: int = 0
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Per-perturbation table (column ``perturbation``) and a summary with a reading."""
-    X = X.tocsr() if sp.issparse(X) else np.asarray(X)
-    ctrl = _rows_mean(X, np.flatnonzero(codes == 0))
+    from celltune.analysis.perturbation_groups import group_moments
+    from celltune.analysis.perturbation_pass import half_labels
+
+    X = X.tocsr() if sp.issparse(X) else sp.csr_matrix(np.asarray(X))
+    codes = np.asarray(codes, dtype=np.int64)
+    n_groups = len(groups)
+    _, sums, _ = group_moments(X, codes, n_groups, values=True)
+    half = half_labels(codes, n_groups, seed)
+    keep = half >= 0
+    hc = 2 * codes[keep] + half[keep]
+    _, h_sums, _ = group_moments(X[keep], hc, 2 * n_groups, values=True)
+    n = np.bincount(codes, minlength=n_groups).astype(np.float64)
+    h_n = np.bincount(hc, minlength=2 * n_groups).astype(np.float64)
+    return systematic_from_sums(sums, n, h_sums, h_n, groups)
+
+
+def systematic_from_sums(
+    sums: np.ndarray,
+    n_cells: np.ndarray,
+    half_sums: np.ndarray,
+    half_n: np.ndarray,
+    groups: Sequence[str],
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """:func:`systematic_variation` from per-group sums and per-(group, half) sums (row
+    ``2 g + h``; halves from ``perturbation_pass.half_labels``), as a chunked pass gives."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = sums / n_cells[:, None]
+        h_means = half_sums / half_n[:, None]
+    ctrl = means[0]
     perts = list(groups[1:])
-    means = np.stack([_rows_mean(X, np.flatnonzero(codes == i + 1)) for i in range(len(perts))])
-    deltas = means - ctrl
-    M = means.mean(axis=0)
-    rng = np.random.default_rng([seed, 83])
+    deltas = means[1:] - ctrl
+    M = means[1:].mean(axis=0)
     rows = []
     for i, p in enumerate(perts):
         others = np.delete(deltas, i, axis=0)
@@ -61,9 +82,8 @@ def systematic_variation(
             "split_half_pearson_delta": np.nan,
             "split_half_pearson_delta_pert_mean": np.nan,
         }
-        cells = rng.permutation(np.flatnonzero(codes == i + 1))
-        if cells.size >= 2:
-            a, b = _rows_mean(X, cells[: cells.size // 2]), _rows_mean(X, cells[cells.size // 2 :])
+        if half_n[2 * (i + 1)] > 0 and half_n[2 * (i + 1) + 1] > 0:
+            a, b = h_means[2 * (i + 1)], h_means[2 * (i + 1) + 1]
             row["split_half_pearson_delta"] = _r(a - ctrl, b - ctrl)
             row["split_half_pearson_delta_pert_mean"] = _r(a - M, b - M)
         rows.append(row)

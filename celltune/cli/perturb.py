@@ -49,6 +49,9 @@ def prepare(
 ) -> None:
     """Normalise, select HVGs, compute GEARS DE genes and a split; write DATA.h5ad.
 
+    Reads RAW into memory (no --stream here); 'perturb train --stream' then trains on a
+    prepared file larger than memory.
+
     Example: celltune perturb prepare raw.h5ad --out data.h5ad --split simulation
     """
     from celltune.data import gears
@@ -109,6 +112,12 @@ Examples:
 
   celltune perturb train data.h5ad --out runs/ft --pretrained scGPT_human/ --device cuda
 
+  celltune perturb train big.h5ad --out runs/big --stream         # file larger than memory
+
+--stream reads the prepared file from disk: obs (conditions, splits) and uns (DE genes)
+are loaded, expression rows are read per mini-batch (the batch's cells and their control
+partners), so memory does not grow with the number of cells; same model as without it.
+
 Any config key can be set with --set section.key=value (repeatable), e.g.
 --set model.decoder=affine --set data.max_cells_per_condition=500.
 Precedence: defaults < --config YAML < --set < the named options.
@@ -154,6 +163,12 @@ def train_cmd(
     set_: list[str] | None = typer.Option(
         None, "--set", help="Any config key: section.key=value (repeatable)."
     ),
+    stream: bool = typer.Option(
+        False,
+        "--stream",
+        help="Read expression rows from the file per mini-batch instead of loading it "
+        "(data.stream; the file needs its GEARS DE genes, as 'prepare' writes them).",
+    ),
 ) -> None:
     """Train the perturbation-flag transformer (control cell in, perturbed cell out).
 
@@ -177,6 +192,7 @@ def train_cmd(
             "train.quiet": True if quiet else None,
             "data.max_seq_len": max_seq_len,
             "data.include_zero_gene": include_zero_gene,
+            "data.stream": True if stream else None,
         },
     )
     cfg.validate()

@@ -27,8 +27,10 @@ def replicate_h5ad(
     layer: str | None = None,
     chunk_rows: int = 16384,
     compression: str | None = None,
+    uns: bool = False,
 ) -> Path:
-    """Write ``src`` repeated ``factor`` times as a CSR ``.h5ad`` (obs, var and X only).
+    """Write ``src`` repeated ``factor`` times as a CSR ``.h5ad`` (obs, var and X; ``uns``
+    too when asked, e.g. the GEARS DE genes of a prepared perturbation file).
 
     For scale tests and benchmarks: the output (e.g. 1.2M cells) is written chunk by chunk
     through h5py, so memory is that of the source's rows and the output's ``obs``, never
@@ -62,8 +64,13 @@ def replicate_h5ad(
         )
         src_ip = np.concatenate([[0], np.cumsum(counts)])
     nnz = int(src_ip[-1])
+    meta: dict[str, Any] = {}
+    if uns and "uns" in source.root:
+        from anndata.io import read_elem
+
+        meta = read_elem(source.root["uns"])
     with atomic_path(dst) as tmp:
-        anndata.AnnData(obs=rep_obs, var=var).write_h5ad(tmp)
+        anndata.AnnData(obs=rep_obs, var=var, uns=meta).write_h5ad(tmp)
         del rep_obs
         with h5py.File(tmp, "a") as out:
             if "X" in out:

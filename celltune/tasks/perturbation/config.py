@@ -35,6 +35,11 @@ class PerturbDataConfig:
     #: cap on training target cells per condition, ``ctrl`` included (None = all); a
     #: CPU-budget knob: GEARS uses every cell
     max_cells_per_condition: int | None = None
+    #: read the prepared file from disk row by row (``perturb train --stream``): obs is
+    #: loaded, expression rows are read per mini-batch, so memory does not follow cells
+    stream: bool = False
+    #: rows per contiguous read of a streamed file (random rows: small spans)
+    stream_chunk_rows: int = 256
 
 
 @dataclass
@@ -88,7 +93,7 @@ class PerturbConfig:
                 "data.unmeasured_targets must be 'token' or 'exclude', got "
                 f"{self.data.unmeasured_targets!r}"
             )
-        for name in ("max_seq_len", "n_eval_ctrl", "control_pool"):
+        for name in ("max_seq_len", "n_eval_ctrl", "control_pool", "stream_chunk_rows"):
             if getattr(self.data, name) < 1:
                 raise InputError(f"data.{name} must be >= 1, got {getattr(self.data, name)}")
         if self.train.select_metric and self.train.select_metric.endswith("/pearson"):

@@ -11,7 +11,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -23,6 +23,8 @@ from celltune.tasks.perturbation.pairing import stable_cell_keys
 
 if TYPE_CHECKING:
     from anndata import AnnData
+
+    from celltune.data.source import StoreSource
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +39,7 @@ class PerturbationData:
     """
 
     adata: AnnData
-    X: sp.csr_matrix
+    X: Any  # CSR float32 in memory; ``StreamedRows`` (rows read on demand) when streamed
     genes: np.ndarray
     conditions: np.ndarray
     split: np.ndarray
@@ -105,11 +107,14 @@ def resolve_data(
     genes: Sequence[str],
     source: str = "the data",
     extra_genes: Sequence[str] = (),
+    store: StoreSource | None = None,
+    chunk_rows: int = 256,
 ) -> PerturbationData:
     """Restrict ``adata`` to ``genes`` (model gene list, in that order) and map conditions.
 
     ``extra_genes`` (unmeasured perturbed genes) become all-zero token-only columns after
-    the measured ones.
+    the measured ones. With ``store`` (``--stream``: ``adata`` holds obs/var/uns only) ``X``
+    is a :class:`~celltune.tasks.perturbation.stream.StreamedRows` reading rows on demand.
     """
     from celltune.data.gears import gene_symbols, parse_condition
 
@@ -122,12 +127,17 @@ def resolve_data(
             f"{source} lacks {len(missing)} gene(s) of the model: {', '.join(missing[:10])}. "
             "Fix: evaluate on the data the model was trained on (same 'prepare' output)."
         )
-    X = adata.X
-    X = X.tocsr() if sp.issparse(X) else sp.csr_matrix(np.asarray(X))
-    X = X[:, take].astype(np.float32)
-    if len(extra_genes):
-        X = sp.hstack([X, sp.csr_matrix((X.shape[0], len(extra_genes)), dtype=np.float32)])
-        X = X.tocsr()
+    if store is not None:
+        from celltune.tasks.perturbation.stream import StreamedRows
+
+        X: Any = StreamedRows(store, take, len(extra_genes), chunk_rows)
+    else:
+        X = adata.X
+        X = X.tocsr() if sp.issparse(X) else sp.csr_matrix(np.asarray(X))
+        X = X[:, take].astype(np.float32)
+        if len(extra_genes):
+            X = sp.hstack([X, sp.csr_matrix((X.shape[0], len(extra_genes)), dtype=np.float32)])
+            X = X.tocsr()
     conditions = adata.obs["condition"].astype(str).to_numpy()
     split = (
         adata.obs["split"].astype(str).to_numpy()

@@ -134,7 +134,8 @@ class PerturbationPairs(torch.utils.data.Dataset):
             )
         if len(target_idx) != len(pert_cols):
             raise ValueError("target_idx and pert_cols must have the same length")
-        self.X = X.tocsr() if sp.issparse(X) else np.asarray(X)
+        # CSR, dense, or rows read on demand (``StreamedRows``, ``perturb train --stream``)
+        self.X = X.tocsr() if sp.issparse(X) else X if hasattr(X, "source") else np.asarray(X)
         self.target_idx = np.asarray(target_idx, dtype=np.int64)
         self.pert_cols = [np.asarray(p, dtype=np.int64) for p in pert_cols]
         self.control_idx = np.asarray(control_idx, dtype=np.int64)
@@ -149,11 +150,6 @@ class PerturbationPairs(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.target_idx)
 
-    def _row(self, i: int) -> np.ndarray:
-        if sp.issparse(self.X):
-            return np.asarray(self.X[i].toarray()).ravel().astype(np.float32)
-        return np.asarray(self.X[i], dtype=np.float32).ravel()
-
     def partner(self, item: int) -> int:
         """Row index of the control input of target ``item`` in the current epoch."""
         row = int(self.target_idx[item])
@@ -163,17 +159,33 @@ class PerturbationPairs(torch.utils.data.Dataset):
         return int(self.control_idx[rng.integers(len(self.control_idx))])
 
     def __getitem__(self, item: int) -> PairedItem:
-        row = int(self.target_idx[item])
-        ctrl = self.partner(item)
-        target = self._row(row)
-        control = target if ctrl == row else self._row(ctrl)
-        return PairedItem(
-            index=row,
-            key=int(self.keys[row]),
-            control=control,
-            target=target,
-            pert_cols=self.pert_cols[item],
-        )
+        return self.__getitems__([item])[0]
+
+    def __getitems__(self, items: Sequence[int]) -> list[PairedItem]:
+        """A mini-batch: its target and partner rows read in one go (sorted, unique), so a
+        streamed source reads only the rows this batch needs."""
+        rows = [int(self.target_idx[i]) for i in items]
+        ctrls = [self.partner(i) for i in items]
+        need = np.unique(np.asarray(rows + ctrls, dtype=np.int64))
+        block = self.X[need]
+        dense = np.asarray(
+            block.toarray() if sp.issparse(block) else block, dtype=np.float32
+        ).reshape(len(need), -1)
+        at = {int(r): j for j, r in enumerate(need)}
+        out = []
+        for i, row, ctrl in zip(items, rows, ctrls, strict=True):
+            target = dense[at[row]].copy()
+            control = target if ctrl == row else dense[at[ctrl]].copy()
+            out.append(
+                PairedItem(
+                    index=row,
+                    key=int(self.keys[row]),
+                    control=control,
+                    target=target,
+                    pert_cols=self.pert_cols[i],
+                )
+            )
+        return out
 
 
 class PerturbationCollator:

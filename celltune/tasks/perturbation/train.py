@@ -37,10 +37,13 @@ from celltune.tasks.perturbation.data import (
 from celltune.tasks.perturbation.model import build_model, forward
 from celltune.tasks.perturbation.pairing import PerturbationCollator, PerturbationPairs
 from celltune.tasks.perturbation.rundir import write_controls
+from celltune.tasks.perturbation.stream import rows_mean
 from celltune.tasks.perturbation.validation import choose_validation, validation_metrics
 
 if TYPE_CHECKING:
     from anndata import AnnData
+
+    from celltune.data.source import StoreSource
 
 logger = logging.getLogger(__name__)
 
@@ -115,10 +118,9 @@ def train_perturbation_model(
     """Fine-tune the perturbation-flag transformer on a prepared file (see the package doc)."""
     cfg, out = _open_run(out_dir, config, resume=resume, quiet=quiet)
     t_start = time.perf_counter()
-    adata, source = read_prepared(data)
-    check_prepared(adata, source)
+    adata, store, source = _read_data(data, cfg)
     torch.manual_seed(cfg.train.seed)
-    g = _resolve_genes(adata, cfg, source)
+    g = _resolve_genes(adata, cfg, source, store)
     pdata = g.pdata
     all_perts, unplaceable = _check_perturbations(pdata)
     control_train = np.flatnonzero((pdata.conditions == CTRL) & (pdata.split == "train"))
@@ -177,6 +179,24 @@ def train_perturbation_model(
     return PerturbationRun(out_dir=out, model=model, history=history, info=info)
 
 
+def _read_data(
+    data: AnnData | str | os.PathLike[str], cfg: PerturbConfig
+) -> tuple[AnnData, StoreSource | None, str]:
+    """The prepared data, checked: in memory, or (``data.stream``) obs/var/uns in an AnnData
+    without X plus the file as a ``StoreSource`` whose rows are read per mini-batch."""
+    if not cfg.data.stream:
+        adata, source = read_prepared(data)
+        check_prepared(adata, source)
+        return adata, None, source
+    from celltune.tasks.perturbation.stream import check_prepared_stream, read_prepared_stream
+
+    if not isinstance(data, (str, os.PathLike)):
+        raise InputError("data.stream (--stream) reads a file: pass the prepared file's path")
+    adata, store, source = read_prepared_stream(data)
+    check_prepared_stream(adata, store, source)
+    return adata, store, source
+
+
 def _open_run(
     out_dir: str | os.PathLike[str],
     config: PerturbConfig | None,
@@ -206,7 +226,9 @@ def _open_run(
     return cfg, out
 
 
-def _resolve_genes(adata: AnnData, cfg: PerturbConfig, source: str) -> _Genes:
+def _resolve_genes(
+    adata: AnnData, cfg: PerturbConfig, source: str, store: StoreSource | None = None
+) -> _Genes:
     """Build the model and restrict the data to the genes of its vocabulary.
 
     Unmeasured perturbed genes become extra token-only columns when
@@ -238,7 +260,9 @@ def _resolve_genes(adata: AnnData, cfg: PerturbConfig, source: str) -> _Genes:
     genes = [g for g, k in zip(genes_all, keep, strict=True) if k]
     extra = [g for g, i in zip(extra_all, ids_extra, strict=True) if i >= 0]
     gene_ids = np.concatenate([ids_measured[keep], ids_extra[ids_extra >= 0]])
-    pdata = resolve_data(adata, genes, source, extra_genes=extra)
+    pdata = resolve_data(
+        adata, genes, source, extra_genes=extra, store=store, chunk_rows=cfg.data.stream_chunk_rows
+    )
     if extra:
         logger.info(
             "%d perturbed gene(s) are not measured; they enter the model as an extra flagged "
@@ -287,8 +311,8 @@ def _validation_inputs(
         cells=val_cells,
         description=description,
         controls=dense_rows(pdata.X, eval_ctrl_rows),
-        ctrl_mean=np.asarray(pdata.X[pdata.control_rows].mean(axis=0)).ravel()[:nm],
-        truth={c: np.asarray(pdata.X[r].mean(axis=0)).ravel()[:nm] for c, r in val_cells.items()},
+        ctrl_mean=rows_mean(pdata.X, pdata.control_rows)[:nm],
+        truth={c: rows_mean(pdata.X, r)[:nm] for c, r in val_cells.items()},
         de={c: de_cols(adata, c, pdata.genes) for c in val_cells},
     )
 
