@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 
+# long: a typer command; most of its lines declare its options
 def stats(
     data: Path = typer.Argument(..., help="Perturb-seq .h5ad (raw counts or log-normalised)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory."),
