@@ -21,6 +21,8 @@ from celltune.tasks.integration.model import _build_model, _forward, _objective
 if TYPE_CHECKING:
     from torch import nn
 
+from celltune.tasks.integration.recipe import apply_recipe
+
 logger = logging.getLogger("celltune.tasks.integration")
 
 
@@ -32,6 +34,7 @@ def resolve_config(config: IntegrationConfig | Mapping[str, Any] | None) -> Inte
         cfg = copy.deepcopy(config)
     else:
         cfg = config_from_dict(IntegrationConfig, config)
+    apply_recipe(cfg)
     cfg.validate()
     return cfg
 
