@@ -17,6 +17,7 @@ breaks, and :data:`EXAMPLE_WIDTH` keeps every example line inside an 80-column t
 from __future__ import annotations
 
 import inspect
+import re
 from typing import Any
 
 from typer.core import TyperArgument, TyperGroup
@@ -37,12 +38,18 @@ def _usage_name(param: TyperArgument) -> Any:
 
 
 def _with_default(help_text: str, default: Any) -> str:
-    """``help_text`` with " (default X)" before its final full stop."""
+    """``help_text`` with "(default X)" before its final full stop, or "; default X" inside
+    a closing parenthesis."""
     if isinstance(default, (list, tuple)):
         default = ",".join(str(d) for d in default)
+    elif isinstance(default, float):
+        default = f"{default:g}"
     text = help_text.rstrip()
     end = "." if text.endswith(".") else ""
-    return f"{text[: len(text) - len(end)]} (default {default}){end}"
+    text = text[: len(text) - len(end)]
+    if text.endswith(")"):
+        return f"{text[:-1]}; default {default}){end}"
+    return f"{text} (default {default}){end}".lstrip()
 
 
 def polish_param(param: Any) -> None:
@@ -65,19 +72,62 @@ def polish_param(param: Any) -> None:
     param.show_default = False
 
 
+def wrap_example(line: str, width: int = EXAMPLE_WIDTH) -> list[str]:
+    """An example command line cut before options into ``\\``-continued lines of at most
+    ``width`` characters (a single token longer than that stays whole)."""
+    if len(line) <= width:
+        return [line]
+    indent = line[: len(line) - len(line.lstrip())]
+    command, hash_, comment = line.partition("  # ")
+    if hash_:  # a trailing comment goes on its own line, above the command
+        return [f"{indent}# {comment.strip()}", *wrap_example(command.rstrip(), width)]
+    out: list[str] = []
+    current = line.rstrip()
+    while len(current) > width:
+        cut = current.rfind(" --", len(indent) + 1, width - 1)
+        if cut <= len(indent):
+            break
+        out.append(current[:cut] + " \\")
+        current = indent + "    " + current[cut + 1 :]
+    return [*out, current]
+
+
+def _split_examples(para: str) -> list[str]:
+    """A prose paragraph with an inline "Example: celltune ..." as prose + a literal block."""
+    text = " ".join(line.strip() for line in para.split("\n"))
+    match = re.search(r"(?:^|\s)(Examples?:)\s+(celltune\s.*)$", text)
+    if match is None:
+        return [text]
+    before = text[: match.start()].strip()
+    return [p for p in (before, match.group(1), "  " + match.group(2).strip()) if p]
+
+
 def unwrap_prose(text: str) -> str:
     """``text`` with the line breaks inside prose paragraphs removed.
 
     A paragraph is literal (kept line by line) when it starts with ``\\b`` or any of its
     lines is indented (examples, lists); otherwise rich wraps it to the terminal width, so
-    hard breaks from the source would leave orphan words.
+    hard breaks from the source would leave orphan words. An inline "Example: celltune
+    ..." becomes a literal block, and a literal command line too long for an 80-column
+    terminal is continued with ``\\`` before an option.
     """
-    paragraphs = []
+    split: list[str] = []
     for para in text.split("\n\n"):
         lines = para.split("\n")
         literal = para.startswith("\b") or any(line.startswith(" ") for line in lines)
-        paragraphs.append(para if literal else " ".join(line.strip() for line in lines))
-    return "\n\n".join(paragraphs)
+        split.extend([para] if literal else _split_examples(para))
+    paragraphs = []
+    for para in split:
+        wrapped = []
+        for line in para.split("\n"):
+            is_cmd = line.startswith(" ") and line.lstrip().startswith("celltune ")
+            wrapped.extend(wrap_example(line) if is_cmd else [line])
+        paragraphs.append("\n".join(wrapped))
+    first, rest = paragraphs[0], paragraphs[1:]
+    # typer dedents the text after the first paragraph (inspect.cleandoc, which skips its
+    # first line): a blank first line keeps the examples' indentation when nothing but
+    # examples follows
+    return first + ("\n\n\n" + "\n\n".join(rest) if rest else "")
 
 
 def _polished_help_option(command: Any) -> Any:
@@ -96,6 +146,8 @@ def polish(command: Any) -> None:
     """Polish ``command``, its parameters and (for a group) every subcommand."""
     if command.help:
         command.help = unwrap_prose(inspect.cleandoc(command.help))
+    if getattr(command, "epilog", None):
+        command.epilog = unwrap_prose(inspect.cleandoc(command.epilog))
     for param in getattr(command, "params", []):
         polish_param(param)
     command.get_help_option = _polished_help_option(command)  # --help: no "<bool>" either
@@ -118,4 +170,11 @@ class CelltuneGroup(TyperGroup):
         return params
 
 
-__all__ = ["EXAMPLE_WIDTH", "CelltuneGroup", "polish", "polish_param", "unwrap_prose"]
+__all__ = [
+    "EXAMPLE_WIDTH",
+    "CelltuneGroup",
+    "polish",
+    "polish_param",
+    "unwrap_prose",
+    "wrap_example",
+]
