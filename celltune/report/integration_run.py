@@ -237,18 +237,17 @@ def _run_summary(
     return summary
 
 
-def _report_sections(
-    verdict: str, summary: list[str], table: Any, images: list[Path], hist: Any
-) -> list[Any]:
-    """report.html's sections: verdict, run, scIB metrics, UMAPs, training history."""
+def _report_sections(summary: list[str], table: Any, images: list[Path], hist: Any) -> list[Any]:
+    """report.html's sections: run, scIB metrics, UMAPs, training history (the verdict
+    goes on top, :func:`celltune.report.html.write_report`'s ``verdict``)."""
     import pandas as pd
 
     from celltune.report.html import Section
 
-    sections = [Section("Verdict", text=[verdict]), Section("Run", text=summary)]
+    sections = [Section("Run", text=summary)]
     if table is not None:
         extra = [c for c in ("seconds", "n_cells", "n_labelled") if c in table.columns]
-        shown = table.drop(columns=extra).rename_axis(None)
+        shown = table.drop(columns=extra).rename_axis("method")
         text = [f"Computed on {int(table['n_cells'].iloc[0]):,} cells."] if extra else []
         sections.append(Section("scIB metrics", text=text, tables=[shown]))
     if images:
@@ -310,8 +309,10 @@ def run_integrate(
     verdict = integration_verdict(metrics)
     # a verdict that celltune loses to PCA is a warning, so a user cannot miss it
     logger.log(logging.WARNING if "NOT" in verdict else logging.INFO, "verdict: %s", verdict)
-    sections = _report_sections(verdict, summary, table, images, result.history)
-    write_report(out / "report.html", "celltune integrate", sections, meta=str(out))
+    sections = _report_sections(summary, table, images, result.history)
+    write_report(
+        out / "report.html", "celltune integrate", sections, meta=str(out), verdict=verdict
+    )
     write_manifest(out)  # last: a manifest.json means the run directory is complete
     result.files["report"] = out / "report.html"
     logger.info("wrote %s (%.0f s in all)", out / "report.html", wall)
