@@ -159,12 +159,15 @@ def _rewrite_with_baselines(
     """Baseline embeddings of all cells go into integrated.h5ad too (for side-by-side use);
     only when the evaluation ran on every cell."""
     from celltune.data import io
+    from celltune.report.log_filters import quiet_logger
 
-    if ev.n_obs == result.adata.n_obs:
-        for name, key in methods.items():
-            if name != "celltune":
-                result.adata.obsm[key] = ev.obsm[key]
-        io.write_h5ad(result.adata, out / "integrated.h5ad")
+    added = [key for name, key in methods.items() if name != "celltune"]
+    if ev.n_obs == result.adata.n_obs and added:
+        for key in added:
+            result.adata.obsm[key] = ev.obsm[key]
+        with quiet_logger("celltune.data.io"):  # "wrote integrated.h5ad" was logged already
+            io.write_h5ad(result.adata, out / "integrated.h5ad")
+        logger.info("added %s to %s", ", ".join(added), out / "integrated.h5ad")
 
 
 def _scib_metrics(
@@ -297,7 +300,10 @@ def run_integrate(
     methods, notes = _methods_and_notes(ev, cfg)
     _rewrite_with_baselines(result, ev, methods, out)
 
-    metrics, table, reason = _scib_metrics(ev, methods, cfg, notes)
+    from celltune.report.log_filters import once_per_run
+
+    with once_per_run("isolated labels"):  # scib-metrics says it once per method
+        metrics, table, reason = _scib_metrics(ev, methods, cfg, notes)
     write_json_atomic(out / "metrics.json", metrics)
     result.metrics = table
 
