@@ -49,13 +49,13 @@ def format_number(value: float) -> str:
 
 
 def clean_table(df: pd.DataFrame) -> pd.DataFrame:
-    """The frame a report shows: the index as a named first column (or dropped when it is
-    a plain 0..n-1 range) and one header row (multi-level column names joined)."""
+    """The frame a report shows: the index as a named first column (dropped when it is
+    unnamed row numbers) and one header row (multi-level column names joined)."""
     out = df.copy()
     if isinstance(out.columns, pd.MultiIndex):
         out.columns = [" ".join(str(p) for p in col if str(p)) for col in out.columns]
-    is_range = isinstance(out.index, pd.RangeIndex) and out.index.name is None
-    if is_range:
+    positional = out.index.nlevels == 1 and out.index.name is None
+    if positional and pd.api.types.is_integer_dtype(out.index.dtype):  # row numbers
         return out.reset_index(drop=True)
     names = [n if n is not None else "" for n in out.index.names]
     out.index = out.index.set_names([f"__index{i}" for i in range(len(names))])
@@ -75,8 +75,12 @@ class Section:
 
 
 def _image_tag(path: str | os.PathLike[str], caption: str, base: Path | None) -> str:
-    """A figure at full width; a click opens the image file (or the embedded image)."""
-    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    """A figure on its own row at full width (at most its own pixel width); a click opens
+    the image file (or the embedded image)."""
+    raw = Path(path).read_bytes()
+    data = base64.b64encode(raw).decode("ascii")
+    # full width, but never blown up past the image's own pixels (PNG header: IHDR width)
+    width = int.from_bytes(raw[16:20], "big") if raw[:8] == b"\x89PNG\r\n\x1a\n" else 0
     src = f"data:image/png;base64,{data}"
     href = src
     if base is not None:
@@ -84,7 +88,8 @@ def _image_tag(path: str | os.PathLike[str], caption: str, base: Path | None) ->
             href = Path(path).resolve().relative_to(base.resolve()).as_posix()
     cap = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
     alt = html.escape(caption)
-    img = f'<a href="{html.escape(href)}" target="_blank"><img src="{src}" alt="{alt}"></a>'
+    style = f' style="max-width:{width}px"' if width else ""
+    img = f'<a href="{html.escape(href)}" target="_blank"><img src="{src}" alt="{alt}"{style}></a>'
     return f"<figure>{img}{cap}</figure>"
 
 

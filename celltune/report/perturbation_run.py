@@ -433,7 +433,8 @@ def _write_html(
             else "Metrics: every test perturbation"
         )
         shown, notes = drop_duplicate_subgroups(table[table["scope"] == scope])
-        sections.append(Section(title, text=notes, tables=[shown.drop(columns="scope")]))
+        drop = ["scope"] + (["subgroup"] if set(shown["subgroup"]) == {"all"} else [])
+        sections.append(Section(title, text=notes, tables=[shown.drop(columns=drop)]))
     if images:
         sections.append(Section("Plots", images=images, captions=captions))
     hist_path = out / "history.csv"
