@@ -210,7 +210,7 @@ def integrate_cmd(
         return
     if result.metrics is not None:
         cols = [c for c in ("avg_bio", "avg_batch", "scib_total") if c in result.metrics]
-        typer.echo(result.metrics[cols].round(4).to_string())
+        typer.echo(result.metrics[cols].round(3).rename_axis(None).to_string())
     typer.echo(f"wrote {out}/ (report.html, metrics.json, integrated.h5ad, model/)")
 
 
