@@ -41,7 +41,9 @@ def train_cmd(
         None, "--pretrained", help="scGPT-format model directory to fine-tune from."
     ),
     finetune: str = typer.Option("full", "--finetune", help="Which weights train: full."),
-    epochs: int = typer.Option(10, "--epochs", help="Epochs (scGPT tutorial: 10)."),
+    epochs: int = typer.Option(
+        10, "--epochs", help="Epochs (default 10, as in the scGPT tutorial)."
+    ),
     lr: float = typer.Option(1e-4, "--lr", help="Learning rate."),
     batch_size: int = typer.Option(32, "--batch-size", help="Mini-batch size."),
     max_steps: int | None = typer.Option(
@@ -56,7 +58,7 @@ def train_cmd(
     ),
     mask_ratio: float = typer.Option(0.0, "--mask-ratio", help="Masked input fraction."),
     dab_weight: float = typer.Option(0.0, "--dab-weight", help="Add DAB (needs --batch-key)."),
-    n_hvg: int | None = typer.Option(None, "--n-hvg", help="Keep N variable genes (all)."),
+    n_hvg: int | None = typer.Option(None, "--n-hvg", help="Keep N variable genes (default all)."),
     max_seq_len: int = typer.Option(3001, "--max-seq-len", help="Tokens per cell incl. <cls>."),
     d_model: int = typer.Option(128, "--d-model", help="Width (no --pretrained)."),
     nlayers: int = typer.Option(4, "--nlayers", help="Transformer layers (no --pretrained)."),

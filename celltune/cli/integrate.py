@@ -21,32 +21,37 @@ logger = logging.getLogger(__name__)
 INTEGRATE_EXAMPLES = """
 Examples:
 
-  celltune integrate kang.h5ad --batch-key batch --label-key cell_type --out runs/kang
+  celltune integrate data.h5ad --batch-key batch --label-key cell_type \\
+      --out runs/demo
 
-  celltune integrate kang.h5ad --batch-key batch --label-key cell_type --out runs/kang \\
-      --config examples/integrate.yaml --epochs 10 --max-seq-len 601 --baselines pca,harmony
+  celltune integrate data.h5ad --batch-key batch --label-key cell_type \\
+      --out runs/demo --config examples/integrate.yaml --epochs 10 \\
+      --max-seq-len 601 --baselines pca,harmony
 
-  celltune integrate kang.h5ad --batch-key batch --out runs/kang --resume   # after a stop
+  celltune integrate data.h5ad --batch-key batch --out runs/demo --resume
 
-  celltune integrate kang.h5ad --batch-key batch --out runs/ft --pretrained scGPT_human/
+  celltune integrate data.h5ad --batch-key batch --out runs/ft \\
+      --pretrained scGPT_human/
 
-  celltune integrate atlas.h5ad --batch-key donor --out runs/atlas --stream   # larger than RAM
+  celltune integrate atlas.h5ad --batch-key donor --out runs/atlas --stream
 
-  celltune integrate kang.h5ad --batch-key batch --out runs/ddp --devices 2  # 2 DDP processes
+  celltune integrate data.h5ad --batch-key batch --out runs/ddp --devices 2
 
-Any config key can be set with --set section.key=value (repeatable), e.g.
---set model.d_model=64 --set data.n_hvg=600 --set tokens.include_zero_gene=false.
-Precedence: defaults < --config YAML < --set < the named options.
+--resume continues after a stop, --stream reads an .h5ad larger than memory, --devices 2
+trains on 2 DDP processes. Any config key can be set with --set section.key=value
+(repeatable), e.g. --set model.d_model=64 --set data.n_hvg=600. Precedence: defaults <
+--config YAML < --set < the named options.
 """
 
 EMBED_EXAMPLES = """
 Examples:
 
-  celltune embed kang.h5ad --model runs/kang/model --out kang_emb.h5ad --batch-key batch
+  celltune embed data.h5ad --model runs/demo/model --out emb.h5ad \\
+      --batch-key batch
 
-  celltune embed pbmc.h5ad --model scGPT_human/ --out pbmc_emb.h5ad --batch-size 32
+  celltune embed pbmc.h5ad --model scGPT_human/ --out emb.h5ad --batch-size 32
 
-  celltune embed atlas.h5ad --model runs/atlas/model --out atlas_emb.h5ad --stream
+  celltune embed atlas.h5ad --model runs/atlas/model --out emb.h5ad --stream
 """
 
 
@@ -94,7 +99,7 @@ def integrate_cmd(
         None, "--pretrained", help="scGPT-format model directory to fine-tune from."
     ),
     epochs: int | None = typer.Option(None, "--epochs", help="Epochs (default 30)."),
-    device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda."),
+    device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda (default auto)."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Mini-batch (default 64)."),
     max_seq_len: int | None = typer.Option(
         None, "--max-seq-len", help="Tokens per cell incl. <cls> (default 1201)."
@@ -111,7 +116,7 @@ def integrate_cmd(
     baselines: str | None = typer.Option(
         None, "--baselines", help="Comma list of pca,harmony,scvi, or 'none'."
     ),
-    n_hvg: int | None = typer.Option(None, "--n-hvg", help="Highly variable genes (1200)."),
+    n_hvg: int | None = typer.Option(None, "--n-hvg", help="Highly variable genes (default 1200)."),
     lr: float | None = typer.Option(None, "--lr", help="Learning rate (default 1e-4)."),
     layer: str | None = typer.Option(None, "--layer", help="Read raw counts from this layer."),
     not_raw: bool = typer.Option(
@@ -123,20 +128,24 @@ def integrate_cmd(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Logs only, no progress bars."),
     no_dab: bool = typer.Option(False, "--no-dab", help="No adversarial batch discriminator."),
     no_dsbn: bool = typer.Option(False, "--no-dsbn", help="No domain-specific batch norm."),
-    seed: int | None = typer.Option(None, "--seed", help="Seed of every random choice (0)."),
+    seed: int | None = typer.Option(
+        None, "--seed", help="Seed of every random choice (default 0)."
+    ),
     stream: bool = typer.Option(
         False,
         "--stream",
         help="Stream rows from the .h5ad on disk (memory flat in the number of cells).",
     ),
     stream_sample_cells: int | None = typer.Option(
-        None, "--stream-sample-cells", help="With --stream: cells sampled to pick HVGs (50000)."
+        None,
+        "--stream-sample-cells",
+        help="With --stream: cells sampled to pick HVGs (default 50000).",
     ),
     chunk_size: int | None = typer.Option(
-        None, "--chunk-size", help="With --stream: rows per contiguous read (1024)."
+        None, "--chunk-size", help="With --stream: rows per contiguous read (default 1024)."
     ),
     buffer_chunks: int | None = typer.Option(
-        None, "--buffer-chunks", help="With --stream: chunks per shuffle window (8)."
+        None, "--buffer-chunks", help="With --stream: chunks per shuffle window (default 8)."
     ),
     devices: int | None = typer.Option(
         None,
@@ -144,12 +153,12 @@ def integrate_cmd(
         help="Train on N processes (DDP via torchrun; one GPU each, or CPU cores shared).",
     ),
     set_: list[str] | None = typer.Option(
-        None, "--set", help="Any config key: section.key=value (repeatable)."
+        None, "--set", metavar="KEY=VALUE", help="Any config key: section.key=value (repeatable)."
     ),
 ) -> None:
     """Fine-tune a scGPT-architecture model for batch integration and evaluate it.
 
-    Preprocesses (SPEC §1), holds out 10% of cells (per batch) for validation, fine-tunes
+    Preprocesses the data, holds out 10% of cells (per batch) for validation, fine-tunes
     with the full scGPT integration objective (MLM, zero-prob, GEPC, ECS, DAB; DSBN),
     embeds every cell, and compares against PCA / Harmony / scVI with scIB metrics.
     Writes OUT/integrated.h5ad, model/, metrics.json, history.csv, config.yaml,
@@ -201,7 +210,7 @@ def integrate_cmd(
         return
     if result.metrics is not None:
         cols = [c for c in ("avg_bio", "avg_batch", "scib_total") if c in result.metrics]
-        typer.echo(result.metrics[cols].round(4).to_string())
+        typer.echo(result.metrics[cols].round(3).rename_axis(None).to_string())
     typer.echo(f"wrote {out}/ (report.html, metrics.json, integrated.h5ad, model/)")
 
 

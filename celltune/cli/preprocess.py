@@ -15,7 +15,7 @@ Examples:
 
   celltune preprocess pbmc.h5ad --out pbmc_pp.h5ad --n-hvg 2000 --n-bins 51 --layer counts
 
-  celltune preprocess lognorm.h5ad --out pp.h5ad --not-raw     # X already log1p-normalised
+  celltune preprocess lognorm.h5ad --out pp.h5ad --not-raw  # X is log1p already
 
   celltune preprocess pbmc.h5ad --out pp.h5ad --config preprocess.yaml
 
@@ -78,7 +78,7 @@ def preprocess_cmd(
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
 ) -> None:
-    """Filter, normalise, log1p, select HVGs and bin an .h5ad (SPEC §1).
+    """Filter, normalise, log1p, select HVGs and bin an .h5ad.
 
     The output keeps raw counts in layers['counts'], the normalised log1p values in X and
     layers['X_normed'], the bins in layers['X_binned'], var['highly_variable'] and the

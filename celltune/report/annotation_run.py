@@ -73,7 +73,9 @@ def evaluate_predictions(
         )
     sections = [
         Section("Summary", notes),
-        Section("Per-class precision, recall, F1", tables=[scores.per_class]),
+        Section(
+            "Per-class precision, recall, F1", tables=[scores.per_class.rename_axis("cell type")]
+        ),
         Section("Confusion matrix", images=[png], captions=["rows: true; row-normalised"]),
     ]
     write_report(out / "report.html", title, sections, meta=f"labels: obs[{label_key!r}]")

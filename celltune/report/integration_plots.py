@@ -76,11 +76,16 @@ def _scatter_panels(
     plt = _pyplot()
     cats = pd.Categorical(values)
     n = len(coords)
-    fig, axes = plt.subplots(1, n, figsize=(4.2 * n + 2.2, 4.2), squeeze=False)
+    ncols = min(n, 2)  # at most two panels a row: readable at a report's full width
+    nrows = -(-n // ncols)
+    width = 4.2 * ncols + 2.2
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width, 4.2 * nrows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
     cmap = plt.get_cmap("tab20" if len(cats.categories) > 10 else "tab10")
     colors = np.array([cmap(i % cmap.N) for i in range(len(cats.categories))])
     order = np.random.default_rng(0).permutation(len(values))  # no batch drawn on top
-    for ax, (method, xy) in zip(axes[0], coords.items(), strict=True):
+    for ax, (method, xy) in zip(axes.flat[:n], coords.items(), strict=True):
         ax.scatter(
             xy[order, 0],
             xy[order, 1],
@@ -97,7 +102,7 @@ def _scatter_panels(
         for i, c in enumerate(cats.categories)
     ]
     fig.legend(handles=handles, loc="center right", title=title, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0, 1 - 2.0 / (4.2 * n + 2.2), 1))
+    fig.tight_layout(rect=(0, 0, 1 - 2.0 / width, 1))
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi, format="png")
     plt.close(fig)
@@ -116,7 +121,8 @@ def plot_umaps(
     dpi: int = 110,
     prefix: str = "umap",
 ) -> dict[str, Path]:
-    """Write ``{prefix}_batch.png`` (and ``{prefix}_celltype.png``): one panel per method.
+    """Write ``{prefix}_batch.png`` (and ``{prefix}_celltype.png``): one panel per method,
+    two a row.
 
     Returns ``{"batch": path, "celltype": path}`` for the figures written.
     """

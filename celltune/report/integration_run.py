@@ -159,12 +159,15 @@ def _rewrite_with_baselines(
     """Baseline embeddings of all cells go into integrated.h5ad too (for side-by-side use);
     only when the evaluation ran on every cell."""
     from celltune.data import io
+    from celltune.report.log_filters import quiet_logger
 
-    if ev.n_obs == result.adata.n_obs:
-        for name, key in methods.items():
-            if name != "celltune":
-                result.adata.obsm[key] = ev.obsm[key]
-        io.write_h5ad(result.adata, out / "integrated.h5ad")
+    added = [key for name, key in methods.items() if name != "celltune"]
+    if ev.n_obs == result.adata.n_obs and added:
+        for key in added:
+            result.adata.obsm[key] = ev.obsm[key]
+        with quiet_logger("celltune.data.io"):  # "wrote integrated.h5ad" was logged already
+            io.write_h5ad(result.adata, out / "integrated.h5ad")
+        logger.info("added %s to %s", ", ".join(added), out / "integrated.h5ad")
 
 
 def _scib_metrics(
@@ -237,18 +240,19 @@ def _run_summary(
     return summary
 
 
-def _report_sections(
-    verdict: str, summary: list[str], table: Any, images: list[Path], hist: Any
-) -> list[Any]:
-    """report.html's sections: verdict, run, scIB metrics, UMAPs, training history."""
+def _report_sections(summary: list[str], table: Any, images: list[Path], hist: Any) -> list[Any]:
+    """report.html's sections: run, scIB metrics, UMAPs, training history (the verdict
+    goes on top, :func:`celltune.report.html.write_report`'s ``verdict``)."""
     import pandas as pd
 
     from celltune.report.html import Section
 
-    sections = [Section("Verdict", text=[verdict]), Section("Run", text=summary)]
+    sections = [Section("Run", text=summary)]
     if table is not None:
         extra = [c for c in ("seconds", "n_cells", "n_labelled") if c in table.columns]
-        shown = table.drop(columns=extra).rename_axis(None)
+        shown = table.drop(columns=extra).rename_axis("method")
+        lead = [c for c in ("scib_total", "avg_bio", "avg_batch") if c in shown.columns]
+        shown = shown[lead + [c for c in shown.columns if c not in lead]]  # headline first
         text = [f"Computed on {int(table['n_cells'].iloc[0]):,} cells."] if extra else []
         sections.append(Section("scIB metrics", text=text, tables=[shown]))
     if images:
@@ -298,7 +302,10 @@ def run_integrate(
     methods, notes = _methods_and_notes(ev, cfg)
     _rewrite_with_baselines(result, ev, methods, out)
 
-    metrics, table, reason = _scib_metrics(ev, methods, cfg, notes)
+    from celltune.report.log_filters import once_per_run
+
+    with once_per_run("isolated labels"):  # scib-metrics says it once per method
+        metrics, table, reason = _scib_metrics(ev, methods, cfg, notes)
     write_json_atomic(out / "metrics.json", metrics)
     result.metrics = table
 
@@ -310,8 +317,10 @@ def run_integrate(
     verdict = integration_verdict(metrics)
     # a verdict that celltune loses to PCA is a warning, so a user cannot miss it
     logger.log(logging.WARNING if "NOT" in verdict else logging.INFO, "verdict: %s", verdict)
-    sections = _report_sections(verdict, summary, table, images, result.history)
-    write_report(out / "report.html", "celltune integrate", sections, meta=str(out))
+    sections = _report_sections(summary, table, images, result.history)
+    write_report(
+        out / "report.html", "celltune integrate", sections, meta=str(out), verdict=verdict
+    )
     write_manifest(out)  # last: a manifest.json means the run directory is complete
     result.files["report"] = out / "report.html"
     logger.info("wrote %s (%.0f s in all)", out / "report.html", wall)

@@ -432,19 +432,38 @@ def _write_html(
             if scope == "measured"
             else "Metrics: every test perturbation"
         )
-        sections.append(
-            Section(
-                title,
-                tables=[table[table["scope"] == scope].drop(columns="scope").set_index("method")],
-            )
-        )
+        shown, notes = drop_duplicate_subgroups(table[table["scope"] == scope])
+        drop = ["scope"] + (["subgroup"] if set(shown["subgroup"]) == {"all"} else [])
+        sections.append(Section(title, text=notes, tables=[shown.drop(columns=drop)]))
     if images:
         sections.append(Section("Plots", images=images, captions=captions))
     hist_path = out / "history.csv"
     if hist_path.is_file():
-        hist = pd.read_csv(hist_path).set_index("epoch")
+        hist = pd.read_csv(hist_path)
         sections.append(Section("Training history", tables=[hist]))
     write_report(out / "report.html", "celltune perturb evaluate", sections, meta=str(out))
+
+
+def drop_duplicate_subgroups(table: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """``table`` without the subgroup rows that repeat the ``all`` row of every method
+    (e.g. ``unseen_single`` when every test perturbation is an unseen single), and a note
+    for each subgroup dropped."""
+    values = [c for c in table.columns if c not in ("scope", "method", "subgroup")]
+    notes, drop = [], []
+    for group in [g for g in table["subgroup"].unique() if g != "all"]:
+        same = True
+        for _, rows in table.groupby("method", sort=False):
+            ref, sub = rows[rows["subgroup"] == "all"], rows[rows["subgroup"] == group]
+            if len(sub) and (len(ref) != 1 or not ref[values].iloc[0].equals(sub[values].iloc[0])):
+                same = False
+                break
+        if same:
+            drop.append(group)
+            notes.append(
+                f"Subgroup {group!r} is every test perturbation here: its rows equal 'all' "
+                "and are shown once."
+            )
+    return table[~table["subgroup"].isin(drop)], notes
 
 
 def _genes_of(cond: str) -> list[str]:

@@ -34,7 +34,7 @@ from celltune.train import distributed as dist_utils
 from celltune.train.config import TrainConfig
 from celltune.train.context import EvalFn, History, NonFiniteLossError, StepContext, StepFn
 from celltune.train.loader import lookahead, make_loader, set_epoch, to_device
-from celltune.train.progress import ETA_BATCHES, fmt, log_eta, term_values
+from celltune.train.progress import ETA_BATCHES, epoch_line, fmt, log_eta, term_values
 from celltune.train.schedule import epoch_scheduler, run_steps, set_step_lr
 from celltune.train.state import (
     CHECKPOINT_FORMAT,
@@ -330,7 +330,8 @@ class Trainer:
                 if (index + 1) % cfg.log_every == 0 and not is_last:
                     means = {k: sums[k] / counts[k] for k in sums}
                     if cfg.quiet and self.is_main:
-                        logger.info("epoch %d batch %d: %s", epoch + 1, index + 1, fmt(means))
+                        main = {k: v for k, v in means.items() if k in ("loss", "grad_norm")}
+                        logger.info("epoch %d batch %d: %s", epoch + 1, index + 1, fmt(main))
         finally:
             bar.close()
         if not sums:
@@ -409,14 +410,8 @@ class Trainer:
     def _log_epoch(self, record: Mapping[str, Any], improved: bool) -> None:
         if not self.is_main:
             return
-        shown = {k: v for k, v in record.items() if k not in ("epoch",)}
-        logger.info(
-            "epoch %d/%d: %s%s",
-            record["epoch"],
-            self.config.epochs,
-            fmt(shown),
-            " (best)" if improved else "",
-        )
+        line = epoch_line(record, self.select_metric, self.config.epochs)
+        logger.info("%s%s", line, " (best)" if improved else "")
 
     # -- checkpoints --------------------------------------------------------------------
     def _save_checkpoint(self, epochs_done: int) -> None:

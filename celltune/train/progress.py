@@ -48,3 +48,35 @@ def fmt(values: Mapping[str, Any]) -> str:
     return ", ".join(
         f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()
     )
+
+
+#: the terms an epoch line shows (in this order, when present); history.csv has them all
+EPOCH_LINE_KEYS = ("train/loss", "val/loss", "lr", "time_s")
+#: an epoch line longer than this drops its last terms
+EPOCH_LINE_MAX = 150
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def epoch_line(record: Mapping[str, Any], select_metric: str | None, epochs: int) -> str:
+    """One short line per epoch: the loss, the model-selection metric, lr and time.
+
+    Every term of the epoch stays in ``history.csv`` (and the progress bar); the log line
+    keeps to about 150 characters, e.g. ``epoch 3/30: train/loss=1472, val/mse=759.6,
+    val/loss=1427, lr=0.0001, time_s=21.3``.
+    """
+    keys = [EPOCH_LINE_KEYS[0]]
+    if select_metric and select_metric not in keys:
+        keys.append(select_metric)
+    keys += [k for k in EPOCH_LINE_KEYS[1:] if k not in keys]
+    line = f"epoch {record['epoch']}/{epochs}:"
+    parts = [f"{k}={_short(record[k])}" for k in keys if k in record]
+    for i, part in enumerate(parts):
+        if len(line) + len(part) + 2 > EPOCH_LINE_MAX:
+            break
+        line += (" " if i == 0 else ", ") + part
+    return line
