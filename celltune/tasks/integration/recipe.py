@@ -31,14 +31,14 @@ SCRATCH: dict[str, Any] = {
     "model.d_model": 64,
     "model.d_hid": 64,
     "model.nlayers": 2,
-    "model.dropout": 0.0,
     "model.cell_emb_style": "avg-pool",
     "tokens.include_zero_gene": False,
+    "tokens.max_seq_len": 601,
     "objective.gepc_genes": "all",
     "train.lr": 1e-3,
     "train.scheduler": "cosine",
     "train.warmup_steps": 50,
-    "train.max_steps": 1000,
+    "train.max_steps": 600,
     "train.patience": None,
 }
 
