@@ -39,6 +39,7 @@ SCRATCH: dict[str, Any] = {
     "train.scheduler": "cosine",
     "train.warmup_steps": 50,
     "train.max_steps": 600,
+    "train.epochs": 300,  # a cap only: the step budget decides (200 cells: ~200 epochs)
     "train.patience": None,
 }
 
