@@ -155,7 +155,9 @@ def train_cmd(
         None, "--include-zero-gene", help="all (default) | nonzero: genes in each sequence."
     ),
     device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda."),
-    seed: int | None = typer.Option(None, "--seed", help="Seed of every random choice (0)."),
+    seed: int | None = typer.Option(
+        None, "--seed", help="Seed of every random choice (default 0)."
+    ),
     resume: bool = typer.Option(
         False, "--resume", help="Continue from OUT/checkpoint.pt after an interruption."
     ),
@@ -224,7 +226,7 @@ def predict_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Output CSV (long format)."),
     n_ctrl: int = typer.Option(300, "--n-ctrl", help="Control cells averaged over."),
     seed: int = typer.Option(0, "--seed", help="Seed of the control-cell draw."),
-    device: str = typer.Option("cpu", "--device", help="cpu | cuda."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (default auto)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Mean predicted expression (and per-cell spread) of single / combination perturbations.
@@ -240,7 +242,7 @@ def predict_cmd(
     # extra positional arguments, and "A B" in one quoted value is split too
     wanted = [p for item in [*perturbations, *(more or [])] for p in item.split()]
     pred = predict_perturbations(
-        run_dir, wanted, n_ctrl=n_ctrl, seed=seed, device=device, quiet=quiet
+        run_dir, wanted, n_ctrl=n_ctrl, seed=seed, device=_device(device), quiet=quiet
     )
     write_prediction_csv(pred, out)
     top = pred.to_long().assign(abs_delta=lambda d: d["delta"].abs())
@@ -263,7 +265,7 @@ def evaluate_cmd(
         None, "--n-ctrl", help="Control cells averaged per prediction (default: config)."
     ),
     n_plots: int = typer.Option(4, "--n-plots", help="Perturbations with a DE boxplot."),
-    device: str = typer.Option("cpu", "--device", help="cpu | cuda."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (default auto)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Score the test perturbations with GEARS/scGPT metrics next to the baselines.
@@ -279,7 +281,7 @@ def evaluate_cmd(
         raise InputError(f"--n-ctrl must be >= 1, got {n_ctrl}")
     _setup_logging()
     metrics = evaluate_perturbation_run(
-        run_dir, data=data, n_ctrl=n_ctrl, n_plots=n_plots, device=device, quiet=quiet
+        run_dir, data=data, n_ctrl=n_ctrl, n_plots=n_plots, device=_device(device), quiet=quiet
     )
     for scope, methods in metrics["scopes"].items():
         n_perts = next(iter(methods.values()))["all"]["n_perturbations"]
@@ -321,7 +323,9 @@ def benchmark_cmd(
     epochs: int | None = typer.Option(None, "--epochs", help="Epochs (default 15)."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Mini-batch."),
     device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda."),
-    seed: int | None = typer.Option(None, "--seed", help="Model seed, fixed over splits (0)."),
+    seed: int | None = typer.Option(
+        None, "--seed", help="Model seed, fixed over splits (default 0)."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Logs only, no progress bars."),
     set_: list[str] | None = typer.Option(
         None, "--set", help="Any config key: section.key=value (repeatable)."
@@ -377,3 +381,10 @@ def benchmark_cmd(
 def register(app: typer.Typer) -> None:
     """Attach the ``perturb`` sub-app to the root app."""
     app.add_typer(perturb_app, name="perturb")
+
+
+def _device(device: str) -> str:
+    """``auto`` → ``cuda`` when a GPU is there, else ``cpu`` (the same rule as integrate)."""
+    from celltune.tasks.integration import resolve_embed_device
+
+    return str(resolve_embed_device(device))
