@@ -12,7 +12,6 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pytest
-import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
