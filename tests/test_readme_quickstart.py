@@ -10,7 +10,7 @@ At CI size: the README's commands take 4-5 minutes on a laptop CPU, more than CI
 spend, so this test **appends size-reducing flags** (``CI_FLAGS`` below: fewer cells,
 genes, epochs and control cells) to the end of each command. Everything the README prints
 still runs as printed; only the appended flags (later flags win) make the run smaller.
-About 90 s on a 2-core CPU.
+About 80-90 s on a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -33,11 +33,13 @@ MARKER = "<!-- quickstart"
 
 #: subcommand -> flags appended at CI size (see the module docstring)
 CI_FLAGS = {
-    "integrate": "--epochs 1 --set data.max_cells=300 --eval-cells 300 --n-hvg 200 -q",
+    "integrate": (
+        "--epochs 1 --set data.max_cells=200 --eval-cells 200 --n-hvg 100 --max-seq-len 32 -q"
+    ),
     "perturb prepare": "",
     "perturb train": "--set data.max_cells_per_condition=10 -q",
     "perturb evaluate": "--n-ctrl 20 -q",
-    "stats": "",
+    "stats": "--methods t-test",
 }
 
 
