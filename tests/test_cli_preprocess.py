@@ -45,6 +45,10 @@ def test_preprocess_writes_result(small_input, tmp_path):
     assert sp.issparse(r.layers["X_binned"]) and r.layers["X_binned"].max() == 20
     params = r.uns["celltune"]["preprocess"]
     assert (params["n_bins"], params["seed"], params["batch_key"]) == (21, 2, "batch")
+    import h5py
+
+    with h5py.File(out) as f:  # written gzip-compressed
+        assert f["layers/X_binned/data"].compression == "gzip"
 
 
 @pytest.mark.e2e

@@ -165,3 +165,22 @@ def test_log_detector_thresholds(values, expected):
     X = np.array([values], dtype=np.float32)
     assert io.looks_log_transformed(X) is expected
     assert io.looks_log_transformed(sp.csr_matrix(X)) is expected
+
+
+def test_write_h5ad_compresses_by_default_and_streams_back(tmp_path):
+    import h5py
+    import pandas as pd
+
+    from celltune.data.source import open_source
+
+    rng = np.random.default_rng(0)
+    X = sp.random(400, 60, density=0.2, format="csr", dtype=np.float32, random_state=rng)
+    a = ad.AnnData(X, obs=pd.DataFrame(index=[f"c{i}" for i in range(400)]))
+    io.write_h5ad(a, tmp_path / "gz.h5ad")
+    io.write_h5ad(a, tmp_path / "raw.h5ad", compression=None)
+    with h5py.File(tmp_path / "gz.h5ad") as f:
+        assert f["X/data"].compression == "gzip"
+    with h5py.File(tmp_path / "raw.h5ad") as f:
+        assert f["X/data"].compression is None
+    rows = open_source(tmp_path / "gz.h5ad").read_rows(100, 150)  # --stream reads it too
+    assert abs(rows - X[100:150]).max() == 0

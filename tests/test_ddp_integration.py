@@ -8,7 +8,7 @@ Equality needs terms that decompose over cells: masked MSE / Bernoulli NLL (ever
 the same number of masked positions with ``include_zero_gene``), MVC and DAB. Terms
 computed from the whole mini-batch do not: ECS (a B×B similarity matrix) and DSBN in
 training mode (batch statistics of the cells present). Under DDP each rank computes them
-on its half, so they are switched off here; see ``docs/readme_parts/scale.md``.
+on its half, so they are switched off here; see ``docs/scale.md``.
 """
 
 from __future__ import annotations

@@ -301,6 +301,11 @@ def test_cli_prepare_roundtrip(papalexi_small, tmp_path) -> None:
     data = gears.load_prepared(out)
     assert data.uns["celltune"]["perturb_prepare"]["seed"] == 2
     assert "test" in set(data.obs["split"])
+    import h5py
+
+    with h5py.File(out) as f:  # written gzip-compressed
+        x = f["X"] if isinstance(f["X"], h5py.Dataset) else f["X/data"]
+        assert x.compression == "gzip"
     bad = CliRunner().invoke(
         app, ["perturb", "prepare", str(raw), "--out", str(out), "--condition-key", "perturbation"]
     )

@@ -64,9 +64,13 @@ def read_h5ad(path: str | os.PathLike[str], backed: bool = False) -> AnnData:
 
 
 def write_h5ad(
-    adata: AnnData, path: str | os.PathLike[str], compression: str | None = None
+    adata: AnnData, path: str | os.PathLike[str], compression: str | None = "gzip"
 ) -> None:
-    """Write ``adata`` atomically: readers never see a half-written file."""
+    """Write ``adata`` atomically: readers never see a half-written file.
+
+    Matrices are gzip-compressed by default (``compression=None`` writes them raw): on the
+    shipped 12,261-cell Kang file ``celltune preprocess`` writes 112.7 MB uncompressed.
+    """
     from celltune.files import check_free_space
 
     check_free_space(path, estimated_h5ad_bytes(adata))  # h5py segfaults on a full disk

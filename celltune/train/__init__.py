@@ -1,4 +1,4 @@
-"""celltune.train: the one training loop (see docs/ARCHITECTURE.md, docs/readme_parts/train.md).
+"""celltune.train: the one training loop (see docs/ARCHITECTURE.md, docs/training.md).
 
 Tasks configure :class:`Trainer` with a ``step_fn`` (the objective of one mini-batch) and an
 ``eval_fn`` (validation metrics); resume, AMP, gradient accumulation, early stopping and DDP

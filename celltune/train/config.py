@@ -29,7 +29,7 @@ _SCHEDULERS = ("step", "cosine", "none")
 
 @dataclass
 class TrainConfig:
-    """Every knob of the training loop (see ``docs/readme_parts/train.md``).
+    """Every knob of the training loop (see ``docs/training.md``).
 
     ``max_steps_per_epoch`` counts optimizer steps (each ``grad_accum`` mini-batches); it
     exists so CI-sized runs can cut an epoch short. ``select_metric=None`` means

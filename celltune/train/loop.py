@@ -53,7 +53,7 @@ HISTORY_NAME = "history.csv"
 
 
 class Trainer:
-    """The training loop; see the module docstring and ``docs/readme_parts/train.md``.
+    """The training loop; see the module docstring and ``docs/training.md``.
 
     ``step_fn(model, batch, ctx) -> (loss, terms)`` runs under autocast with ``batch``
     already on ``ctx.device``; ``loss`` must be a scalar *mean* over the mini-batch (gradient

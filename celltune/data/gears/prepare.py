@@ -188,11 +188,11 @@ def _add_de_genes(out: AnnData, stored_de: dict[str, Any]) -> None:
 
 
 def write_prepared(adata: AnnData, path: str | os.PathLike[str]) -> Path:
-    """Write a prepared AnnData atomically."""
+    """Write a prepared AnnData atomically, gzip-compressed."""
     from celltune.files import atomic_path
 
     with atomic_path(path) as tmp:
-        adata.write_h5ad(tmp)
+        adata.write_h5ad(tmp, compression="gzip")
     return Path(path)
 
 
