@@ -278,7 +278,7 @@ def run_integrate(
 ) -> IntegrationResult:
     """The ``integrate`` command as a function: fine-tune, embed, evaluate, report.
 
-    Writes everything listed in ``docs/readme_parts/integration.md`` to ``out_dir`` and
+    Writes everything listed in ``docs/integration.md`` to ``out_dir`` and
     returns the :class:`IntegrationResult` with ``metrics`` (a DataFrame, one row per
     method) filled when a label column was given. ``adata`` may be a path: with
     ``config.data.stream`` the file is streamed from disk
