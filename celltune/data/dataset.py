@@ -213,16 +213,8 @@ class TokenCollator:
     def _contents(self, items: Sequence[dict[str, Any]]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per cell: (vocab ids, values) of its gene tokens before sub-sampling."""
         if self.include_zero_gene:
-            B = len(items)
-            lens = [len(it["indices"]) for it in items]
-            block = np.zeros((B, self.n_genes), dtype=np.float32)
-            if sum(lens):
-                rows = np.repeat(np.arange(B), lens)
-                block[rows, np.concatenate([it["indices"] for it in items])] = np.concatenate(
-                    [it["data"] for it in items]
-                )
-            vals = block[:, self._kept_cols]
-            return [(self._kept_ids, vals[i]) for i in range(B)]
+            vals = self._dense_values(items)
+            return [(self._kept_ids, vals[i]) for i in range(len(items))]
         out = []
         for it in items:
             ix = np.asarray(it["indices"], dtype=np.int64)
@@ -296,7 +288,12 @@ class TokenCollator:
 
     def _dense_values(self, items: Sequence[dict[str, Any]]) -> np.ndarray:
         """(B, G) values of the kept genes, zeros included, in column order."""
-        block = np.zeros((len(items), self.n_genes), dtype=np.float32)
-        for i, it in enumerate(items):
-            block[i, np.asarray(it["indices"], dtype=np.int64)] = it["data"]
+        B = len(items)
+        lens = [len(it["indices"]) for it in items]
+        block = np.zeros((B, self.n_genes), dtype=np.float32)
+        if sum(lens):
+            rows = np.repeat(np.arange(B), lens)
+            block[rows, np.concatenate([it["indices"] for it in items])] = np.concatenate(
+                [it["data"] for it in items]
+            )
         return block[:, self._kept_cols]
