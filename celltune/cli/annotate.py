@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from celltune.cli import finetune_options as ft
+
 annotate_app = typer.Typer(
     name="annotate",
     help=(
@@ -29,6 +31,7 @@ def _setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+# long: a typer command; 50 of its lines declare its 28 options and 25 map them to config keys
 @annotate_app.command("train", no_args_is_help=True)
 def train_cmd(
     reference: Path = typer.Argument(..., help="Labelled reference .h5ad, raw counts in X."),
@@ -40,7 +43,11 @@ def train_cmd(
     pretrained: Path | None = typer.Option(
         None, "--pretrained", help="scGPT-format model directory to fine-tune from."
     ),
-    finetune: str = typer.Option("full", "--finetune", help="Which weights train: full."),
+    finetune: str | None = ft.FINETUNE,
+    lora_rank: int | None = ft.LORA_RANK,
+    lora_alpha: float | None = ft.LORA_ALPHA,
+    lora_targets: str | None = ft.LORA_TARGETS,
+    freeze_layers: int | None = ft.FREEZE_LAYERS,
     epochs: int = typer.Option(
         10, "--epochs", help="Epochs (default 10, as in the scGPT tutorial)."
     ),
@@ -66,6 +73,12 @@ def train_cmd(
     seed: int = typer.Option(0, "--seed", help="Seed of every random choice."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint.pt."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    set_: list[str] | None = typer.Option(
+        None,
+        "--set",
+        metavar="KEY=VALUE",
+        help="Any config key, key=value or section.key=value, applied last (repeatable).",
+    ),
 ) -> None:
     """Fine-tune a cell-type classifier (CE on the cell embedding) on a labelled reference.
 
@@ -74,16 +87,19 @@ def train_cmd(
     Example:
 
       celltune annotate train ref.h5ad --label-key cell_type --out runs/annot
+
+      celltune annotate train ref.h5ad --label-key cell_type --out runs/lora \\
+          --pretrained scGPT_human/ --finetune lora
     """
     from celltune.data import io
-    from celltune.tasks.annotation import train_annotation
+    from celltune.tasks.annotation import AnnotationConfig, train_annotation
+    from celltune.tasks.config import apply_overrides
 
     _setup_logging()
     cfg = {
         "label_key": label_key,
         "batch_key": batch_key,
         "pretrained": None if pretrained is None else str(pretrained),
-        "finetune": finetune,
         "balanced": balanced,
         "mlm_weight": mlm_weight,
         "mask_ratio": mask_ratio,
@@ -104,7 +120,12 @@ def train_cmd(
             "quiet": quiet,
         },
     }
-    res = train_annotation(io.read_h5ad(reference), cfg, out, resume=resume)
+    config = apply_overrides(
+        AnnotationConfig.from_dict(cfg),
+        ft.finetune_overrides(finetune, lora_rank, lora_alpha, lora_targets, freeze_layers),
+    )
+    config = apply_overrides(config, list(set_ or []))
+    res = train_annotation(io.read_h5ad(reference), config, out, resume=resume)
     typer.echo(
         f"wrote {res.model_dir}: {len(res.labels)} cell types, best epoch {res.best_epoch} "
         f"(validation macro-F1 {res.best_macro_f1:.3f})"

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import typer
 
+from celltune.cli import finetune_options as ft
+
 perturb_app = typer.Typer(
     name="perturb",
     help="Perturbation response prediction on GEARS-format Perturb-seq data.",
@@ -112,6 +114,8 @@ Examples:
 
   celltune perturb train data.h5ad --out runs/ft --pretrained scGPT_human/ --device cuda
 
+  celltune perturb train data.h5ad --out runs/lora --pretrained scGPT_human/ --finetune lora
+
   celltune perturb train big.h5ad --out runs/big --stream         # file larger than memory
 
 --stream reads the prepared file from disk: obs (conditions, splits) and uns (DE genes)
@@ -146,6 +150,11 @@ def train_cmd(
     pretrained: Path | None = typer.Option(
         None, "--pretrained", help="scGPT model dir: loads encoder/value_encoder/transformer."
     ),
+    finetune: str | None = ft.FINETUNE,
+    lora_rank: int | None = ft.LORA_RANK,
+    lora_alpha: float | None = ft.LORA_ALPHA,
+    lora_targets: str | None = ft.LORA_TARGETS,
+    freeze_layers: int | None = ft.FREEZE_LAYERS,
     epochs: int | None = typer.Option(None, "--epochs", help="Epochs (default 15)."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Mini-batch (default 64)."),
     max_seq_len: int | None = typer.Option(
@@ -195,6 +204,7 @@ def train_cmd(
             "data.max_seq_len": max_seq_len,
             "data.include_zero_gene": include_zero_gene,
             "data.stream": True if stream else None,
+            **ft.finetune_overrides(finetune, lora_rank, lora_alpha, lora_targets, freeze_layers),
         },
     )
     cfg.validate()

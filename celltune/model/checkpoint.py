@@ -31,6 +31,8 @@ from celltune.model.model import CellTransformer
 logger = logging.getLogger(__name__)
 
 WEIGHT_FILES = ("model.safetensors", "best_model.pt")
+#: what peft's ``save_pretrained`` writes for a LoRA adapter (low-rank deltas, no model)
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 SPECIAL_TOKENS = ("<pad>", "<cls>", "<eoc>")
 
 
@@ -117,7 +119,31 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
             f"{path} does not hold a state_dict (a mapping of names to tensors); save "
             "model.state_dict(), not the model object"
         )
-    return check_tensors(normalize_keys(raw), path)
+    return check_tensors(_refuse_lora_keys(normalize_keys(raw), path), path)
+
+
+def _refuse_lora_keys(state_dict: dict[str, Tensor], path: Path) -> dict[str, Tensor]:
+    """Un-merged LoRA weights (``lora_A`` / ``base_layer`` names) are not a scGPT model."""
+    lora = [k for k in state_dict if ".lora_" in k or ".base_layer." in k]
+    if lora:
+        raise CheckpointError(
+            f"{path} holds un-merged LoRA adapter weights ({len(lora)} tensors, e.g. "
+            f"{lora[0]}), not a plain model: pass the model directory the run saved (celltune "
+            "merges LoRA adapters into the weights when it saves), or merge them with "
+            "celltune.model.finetune.merge_lora before saving"
+        )
+    return state_dict
+
+
+def check_not_adapter(root: Path) -> None:
+    """Refuse a peft LoRA adapter directory where a full model directory is expected."""
+    found = [f for f in ADAPTER_FILES if (root / f).is_file()]
+    if found and not any((root / f).is_file() for f in WEIGHT_FILES):
+        raise CheckpointError(
+            f"{root} is a LoRA adapter directory ({', '.join(found)}: low-rank deltas, no "
+            "model), not a model; pass the model directory the run saved next to it (it "
+            "holds the merged weights: args.json, vocab.json, best_model.pt)"
+        )
 
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -239,11 +265,7 @@ def load_model(
             "vocab.json and best_model.pt or model.safetensors"
         )
     args_path, vocab_path = root / "args.json", root / "vocab.json"
-    if (root / "adapter_config.json").is_file() and not args_path.is_file():
-        raise CheckpointError(
-            f"{root} is a LoRA adapter directory (adapter_config.json), not a model; pass "
-            "the model directory the run saved next to it (it holds the merged weights)"
-        )
+    check_not_adapter(root)
     for needed in (args_path, vocab_path):
         if not needed.is_file():
             raise CheckpointError(f"{root} has no {needed.name}; a model directory needs it")

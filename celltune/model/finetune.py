@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
 
 from torch import nn
 
@@ -38,17 +37,22 @@ TRUNK_PREFIXES = (*EMBEDDING_PREFIXES, "transformer_encoder.")
 
 @dataclasses.dataclass
 class FinetuneSpec:
-    """How much of the model trains; see the module docstring."""
+    """How much of the model trains; see the module docstring.
+
+    It is also the ``finetune`` section of every task's config (``finetune.mode``,
+    ``finetune.lora_rank``, ...), so the three commands share one schema and one code path.
+    """
 
     mode: str = "full"
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
-    lora_targets: Sequence[str] = DEFAULT_LORA_TARGETS
+    lora_targets: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
     freeze_layers: int = 0
 
-    def validate(self, nlayers: int) -> None:
-        """One InputError naming the bad setting and the fix."""
+    def validate(self, nlayers: int | None = None) -> None:
+        """One InputError naming the bad setting and the fix (``freeze_layers`` is checked
+        against ``nlayers`` once the model, possibly a pretrained one, is known)."""
         if self.mode not in FINETUNE_MODES:
             raise InputError(
                 f"--finetune {self.mode!r} is not a fine-tuning mode; use one of {FINETUNE_MODES}"
@@ -58,7 +62,9 @@ class FinetuneSpec:
                 f"LoRA needs lora_rank >= 1 and lora_alpha > 0 (got rank {self.lora_rank}, "
                 f"alpha {self.lora_alpha}); e.g. --lora-rank 8 --lora-alpha 16"
             )
-        if self.mode == "freeze" and not 0 <= self.freeze_layers <= nlayers:
+        if self.freeze_layers < 0:
+            raise InputError(f"--freeze-layers must be >= 0 (got {self.freeze_layers})")
+        if self.mode == "freeze" and nlayers is not None and self.freeze_layers > nlayers:
             raise InputError(
                 f"--freeze-layers {self.freeze_layers} is outside [0, {nlayers}] (the model "
                 f"has {nlayers} transformer layers)"
@@ -80,10 +86,13 @@ def _apply_lora(model: nn.Module, spec: FinetuneSpec) -> None:
     if transformer is None:
         raise InputError("LoRA needs a model with a transformer_encoder (a CellTransformer)")
     available = _linear_names(transformer)
-    if not any(t in available for t in targets):
+    # every name must match: a typo in one would otherwise silently leave its layers frozen
+    unmatched = [t for t in targets if t not in available]
+    if unmatched or not targets:
         raise InputError(
-            f"--lora-targets {','.join(targets)} match no linear layer of this model's "
-            f"transformer; its linear layers are named {', '.join(available)}"
+            f"--lora-targets {','.join(unmatched) or '(none)'} match no linear layer of "
+            f"this model's transformer; its linear layers are named {', '.join(available)} "
+            f"(e.g. --lora-targets {','.join(DEFAULT_LORA_TARGETS)})"
         )
     config = LoraConfig(
         r=spec.lora_rank,
@@ -105,15 +114,24 @@ def _apply_freeze(model: nn.Module, spec: FinetuneSpec) -> None:
             param.requires_grad = False
 
 
-def apply_finetune(model: nn.Module, spec: FinetuneSpec | None = None) -> nn.Module:
+def apply_finetune(
+    model: nn.Module, spec: FinetuneSpec | None = None, *, pretrained: bool = True
+) -> nn.Module:
     """Set which parameters train (in place); returns the model for chaining.
 
     Call it before the optimizer is built: the trainer only optimises parameters with
-    ``requires_grad``.
+    ``requires_grad``. ``pretrained=False`` (a model trained from scratch) warns for
+    ``lora`` / ``freeze``: they would keep randomly initialised weights fixed.
     """
     spec = spec or FinetuneSpec()
     nlayers = len(getattr(getattr(model, "transformer_encoder", None), "layers", []))
     spec.validate(nlayers)
+    if spec.mode != "full" and not pretrained:
+        logger.warning(
+            "--finetune %s without --pretrained: the frozen weights stay at their random "
+            "initialisation; pass --pretrained MODEL_DIR to fine-tune a trained model",
+            spec.mode,
+        )
     if spec.mode == "lora":
         _apply_lora(model, spec)
     elif spec.mode == "freeze":

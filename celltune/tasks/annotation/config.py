@@ -8,11 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from celltune.errors import InputError
+from celltune.model.finetune import FinetuneSpec
 from celltune.train.config import TrainConfig
-
-#: Fine-tuning modes; developer H's ``lora`` / ``freeze`` plug in through
-#: :func:`celltune.tasks.annotation.train.apply_finetune_mode`.
-FINETUNE_MODES = ("full",)
 
 
 def _default_train() -> TrainConfig:
@@ -47,7 +44,8 @@ class AnnotationConfig:
     mask_ratio: float = 0.0
     # model (SPEC §3); with ``pretrained`` the trunk sizes come from its args.json
     pretrained: str | None = None
-    finetune: str = "full"
+    #: which weights train (``--finetune full | lora | freeze``), see celltune.model.finetune
+    finetune: FinetuneSpec = field(default_factory=FinetuneSpec)
     d_model: int = 128
     nhead: int = 4
     d_hid: int = 128
@@ -65,15 +63,14 @@ class AnnotationConfig:
     def from_dict(cls, data: Mapping[str, Any] | None) -> AnnotationConfig:
         from celltune.tasks.config import config_from_dict
 
-        return config_from_dict(cls, data or {})
+        data = dict(data or {})
+        if isinstance(data.get("finetune"), str):  # ``finetune: lora`` = the mode alone
+            data["finetune"] = {"mode": data["finetune"]}
+        return config_from_dict(cls, data)
 
     def validate(self) -> None:
         """Reject impossible settings before any data is read (each names its fix)."""
-        if self.finetune not in FINETUNE_MODES:
-            raise InputError(
-                f"--finetune {self.finetune!r} is not available: choose from "
-                f"{', '.join(FINETUNE_MODES)}"
-            )
+        self.finetune.validate()
         if not 0.0 < self.valid_fraction < 1.0:
             raise InputError(
                 f"--valid-fraction must be in (0, 1), got {self.valid_fraction}; 0.1 is usual"

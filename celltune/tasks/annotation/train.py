@@ -53,14 +53,6 @@ class AnnotationResult:
     files: dict[str, Path] = field(default_factory=dict)
 
 
-def apply_finetune_mode(model: nn.Module, mode: str) -> nn.Module:
-    """Which parameters train. ``full``: all. Developer H's ``lora`` / ``freeze`` modes in
-    ``celltune.model`` plug in here with one call."""
-    if mode != "full":
-        raise InputError(f"--finetune {mode!r} is not available yet: use --finetune full")
-    return model
-
-
 def build_model(
     cfg: AnnotationConfig, vocab: Any, n_classes: int, n_batches: int, pretrained: Any
 ) -> nn.Module:
@@ -343,6 +335,7 @@ def train_annotation(
 
     import torch
 
+    from celltune.model.finetune import apply_finetune
     from celltune.tasks.config import dump_config
     from celltune.train import Trainer
 
@@ -362,7 +355,7 @@ def train_annotation(
     tc = cfg.train
     torch.manual_seed(tc.seed)
     model = build_model(cfg, vocab, len(labels), len(batch_cats or []), pretrained)
-    model = apply_finetune_mode(model, cfg.finetune)
+    apply_finetune(model, cfg.finetune, pretrained=pretrained is not None)
     objective = _objective(cfg, -1.0)
 
     def step_fn(net: nn.Module, batch: Mapping[str, torch.Tensor], ctx: Any) -> Any:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from celltune.errors import InputError
+from celltune.model.finetune import FinetuneSpec
 from celltune.tasks.config import load_config
 from celltune.train.config import TrainConfig
 
@@ -153,6 +154,8 @@ class IntegrationConfig:
     tokens: TokenSection = field(default_factory=TokenSection)
     model: ModelSection = field(default_factory=ModelSection)
     objective: ObjectiveSection = field(default_factory=ObjectiveSection)
+    #: which weights train (``--finetune full | lora | freeze``), see celltune.model.finetune
+    finetune: FinetuneSpec = field(default_factory=FinetuneSpec)
     train: TrainConfig = field(default_factory=_default_train)
     eval: EvalSection = field(default_factory=EvalSection)
 
@@ -166,6 +169,7 @@ class IntegrationConfig:
     def validate(self) -> None:
         """Reject impossible settings before any data is touched (each names its fix)."""
         d, t, o = self.data, self.tokens, self.objective
+        self.finetune.validate()
         if not d.batch_key:
             raise InputError(
                 "no batch column given: pass --batch-key COLUMN (the obs column that names "

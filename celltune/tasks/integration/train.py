@@ -158,8 +158,11 @@ def train_integration_model(
         )
         cfg.train = cfg.train.replace(epochs=epochs)
     torch.manual_seed(cfg.train.seed)
+    from celltune.model.finetune import apply_finetune
+
     model = _build_model(cfg, vocab, n_batches, pretrained)
     model.vocab = vocab  # type: ignore[attr-defined]
+    apply_finetune(model, cfg.finetune, pretrained=pretrained is not None)
     objective = _objective(cfg)
     mask_value = cfg.tokens.mask_value
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from celltune.errors import InputError
+from celltune.model.finetune import FinetuneSpec
 from celltune.tasks.perturbation.pairing import INCLUDE_ZERO_CHOICES
 from celltune.train.config import TrainConfig
 
@@ -79,10 +80,13 @@ class PerturbConfig:
 
     data: PerturbDataConfig = field(default_factory=PerturbDataConfig)
     model: PerturbModelConfig = field(default_factory=PerturbModelConfig)
+    #: which weights train (``--finetune full | lora | freeze``), see celltune.model.finetune
+    finetune: FinetuneSpec = field(default_factory=FinetuneSpec)
     train: TrainConfig = field(default_factory=_default_train)
 
     def validate(self) -> None:
         """Reject settings that would silently train the wrong thing."""
+        self.finetune.validate()
         if self.data.include_zero_gene not in INCLUDE_ZERO_CHOICES:
             raise InputError(
                 f"data.include_zero_gene must be one of {list(INCLUDE_ZERO_CHOICES)}, got "

@@ -45,9 +45,10 @@ def build_model(
     info: dict[str, Any] = {}
     common = {"generator": True, "pert_pad_id": 2, "do_mvc": False, "explicit_zero_prob": False}
     if pretrained:
-        from celltune.model.checkpoint import load_weights, read_state_dict
+        from celltune.model.checkpoint import check_not_adapter, load_weights, read_state_dict
 
         pdir = Path(pretrained)
+        check_not_adapter(pdir)
         if not (pdir / "vocab.json").is_file() or not (pdir / "args.json").is_file():
             raise InputError(
                 f"--pretrained {pdir} is not a scGPT model directory (needs args.json, "
@@ -100,6 +101,10 @@ def build_model(
             **common,
         )
         model = CellTransformer(mcfg, vocab=vocab)
+    from celltune.model.finetune import apply_finetune, trainable_summary
+
+    apply_finetune(model, cfg.finetune, pretrained=bool(pretrained))
+    info["finetune"] = {"mode": cfg.finetune.mode, "trainable": trainable_summary(model)}
     match = vocab.match_genes(list(genes))
     info["genes_in_vocab"] = int(match.n_matched)
     return model, vocab, np.asarray(match.ids, dtype=np.int64), info
