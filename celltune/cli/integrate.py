@@ -85,7 +85,7 @@ def _parse_baselines(text: str | None) -> list[str] | None:
 
 
 # ----------------------------------------------------------------------------- commands
-# long: a typer command; 75 of its lines declare its 32 options and 26 map them to config keys
+# long: a typer command; 80 of its lines declare its 34 parameters, 26 map them to config keys
 def integrate_cmd(
     data: Path = typer.Argument(
         ..., help="Input .h5ad, raw counts in X (or --set data.layer=NAME)."
