@@ -86,6 +86,19 @@ def test_integrate_freeze_keeps_embeddings_and_first_layer(kang, pretrained, tmp
     assert not has_lora(res.model)
 
 
+def test_integrate_lora_run_resumes_from_its_checkpoint(kang, pretrained, tmp_path) -> None:
+    """The checkpoint holds the adapters; --resume rebuilds them (and the pretrained
+    sizes) before loading it."""
+    over = {**TINY, "model.pretrained": str(pretrained), "finetune.mode": "lora"}
+    first = integrate(kang, load_config(None, over, schema=IntegrationConfig), tmp_path / "r")
+    over["train.epochs"] = 2
+    cfg = load_config(None, over, schema=IntegrationConfig)
+    again = integrate(kang, cfg, tmp_path / "r", resume=True)
+    assert again.history["epoch"].tolist() == [1, 2]
+    assert again.history.loc[0, "val/mse"] == first.history.loc[0, "val/mse"]
+    assert has_lora(again.model) and not has_lora(load_model(tmp_path / "r" / "model"))
+
+
 @pytest.mark.e2e
 def test_integrate_lora_cli_saves_plain_scgpt_dir_with_same_embeddings(
     kang_stim_path, pretrained, tmp_path

@@ -94,8 +94,9 @@ def integrate(
     cfg = resolve_config(config)
     inputs = open_inputs(data, cfg)
     batch_cats = inputs.check()  # before anything is written
+    # sets cfg.model to its architecture, so the resume check compares the sizes used
+    pretrained = load_pretrained(cfg)
     out, tmp_dir = open_run_dir(cfg, out_dir, resume)
-    pretrained = load_pretrained(cfg)  # sets cfg.model to its architecture
     if out_dir is not None and dist_utils.is_main_process():  # after the resume check
         dump_config(cfg, out / "config.yaml", header="celltune integrate: resolved configuration")
     genes = inputs.choose_genes(pretrained, batch_cats)
