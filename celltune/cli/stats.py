@@ -55,10 +55,11 @@ def stats(
 
     try:
         from celltune.data.source import StoreSource
-        from celltune.data.validate import validate_input
+        from celltune.data.validate import check_source_names, validate_input
 
         if stream:
             source = StoreSource(data, layer)
+            check_source_names(source)  # what validate_input checks in memory
             if de_max_cells is None:
                 de_max_cells = 5000
         else:
