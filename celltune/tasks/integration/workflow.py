@@ -2,8 +2,8 @@
 
 ::
 
-    check input ─ run dir ─ pretrained ─ config.yaml ─ genes/HVGs ─ split ─ loaders
-        ─ train (Trainer: resume, fingerprint, time estimate) ─ embed ─ outputs ─ files
+    check input ─ run dir ─ pretrained ─ genes/HVGs ─ resume check ─ config.yaml ─ split
+        ─ loaders ─ train (Trainer: resume, time estimate) ─ embed ─ outputs ─ files
 
 The source-dependent steps are methods of :class:`~celltune.tasks.integration.inputs.RunInputs`
 (in memory: :mod:`~celltune.tasks.integration.memory`; streamed:
@@ -87,6 +87,7 @@ def integrate(
     temporary directory, nothing kept). ``resume``: continue from
     ``out_dir/checkpoint.pt`` (same settings and input required).
     """
+    from celltune.train import CHECKPOINT_NAME, check_resume_input
     from celltune.train import distributed as dist_utils
 
     t_start = time.perf_counter()
@@ -94,11 +95,14 @@ def integrate(
     cfg = resolve_config(config)
     inputs = open_inputs(data, cfg)
     batch_cats = inputs.check()  # before anything is written
-    out, tmp_dir = open_run_dir(cfg, out_dir, resume)
+    out, tmp_dir = open_run_dir(cfg, out_dir, resume)  # --resume: the settings checked
     pretrained = load_pretrained(cfg)  # sets cfg.model to its architecture
-    if out_dir is not None and dist_utils.is_main_process():  # after the resume check
-        dump_config(cfg, out / "config.yaml", header="celltune integrate: resolved configuration")
     genes = inputs.choose_genes(pretrained, batch_cats)
+    fingerprint = inputs.fingerprint(genes.vocab)
+    if resume:  # the input and vocabulary checked too, before anything is written
+        check_resume_input(out / CHECKPOINT_NAME, fingerprint)
+    if out_dir is not None and dist_utils.is_main_process():
+        dump_config(cfg, out / "config.yaml", header="celltune integrate: resolved configuration")
 
     split_idx = stratified_split(inputs.batch_names(), cfg.data.valid_fraction, cfg.train.seed)
     _log_split(inputs.n_cells(), split_idx, batch_cats, genes)
@@ -113,7 +117,7 @@ def integrate(
         val_loader,
         out,
         resume,
-        fingerprint=inputs.fingerprint(genes.vocab),
+        fingerprint=fingerprint,
     )
     task_info = task_record(cfg, batch_cats, genes.pp_cfg)
     if inputs.streamed:
