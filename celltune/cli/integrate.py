@@ -80,7 +80,7 @@ def _parse_baselines(text: str | None) -> list[str] | None:
 
 
 # ----------------------------------------------------------------------------- commands
-# long: a typer command; 70 of its lines declare its 27 options and 25 map them to config keys
+# long: a typer command; 73 of its lines declare its 28 options and 26 map them to config keys
 def integrate_cmd(
     data: Path = typer.Argument(
         ..., help="Input .h5ad, raw counts in X (or --set data.layer=NAME)."
@@ -97,6 +97,9 @@ def integrate_cmd(
     ),
     pretrained: Path | None = typer.Option(
         None, "--pretrained", help="scGPT-format model directory to fine-tune from."
+    ),
+    allow_partial: bool = typer.Option(
+        False, "--allow-partial", help="Use --pretrained weights covering < 90% of the model."
     ),
     epochs: int | None = typer.Option(None, "--epochs", help="Epochs (default 30)."),
     device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda (default auto)."),
@@ -183,6 +186,7 @@ def integrate_cmd(
         "data.layer": layer,
         "data.data_is_raw": False if not_raw else None,
         "model.pretrained": None if pretrained is None else str(pretrained),
+        "model.allow_partial": True if allow_partial else None,
         "train.epochs": epochs,
         "train.device": device,
         "train.batch_size": batch_size,
@@ -238,6 +242,9 @@ def embed_cmd(
     ),
     chunk_size: int = typer.Option(1024, "--chunk-size", help="With --stream: rows per read."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Logs only, no progress bars."),
+    allow_partial: bool = typer.Option(
+        False, "--allow-partial", help="Load weights covering < 90% of the model (reported)."
+    ),
 ) -> None:
     """Cell embeddings from any model directory (zero-shot), batched, L2-normalised.
 
@@ -256,38 +263,24 @@ def embed_cmd(
     from celltune.data.validate import check_out_not_input
 
     check_out_not_input(out, [data])
+    kw: dict[str, Any] = {
+        "batch_key": batch_key,
+        "batch_size": batch_size,
+        "device": device,
+        "key": key,
+        "layer": layer,
+        "gene_column": gene_column,
+        "max_seq_len": max_seq_len,
+        "quiet": quiet,
+        "allow_partial": allow_partial,
+    }
     if stream:
         from celltune.tasks.integration import embed_file
 
-        embed_file(
-            data,
-            model,
-            out,
-            batch_key=batch_key,
-            batch_size=batch_size,
-            device=device,
-            key=key,
-            layer=layer,
-            gene_column=gene_column,
-            max_seq_len=max_seq_len,
-            chunk_size=chunk_size,
-            quiet=quiet,
-        )
+        embed_file(data, model, out, chunk_size=chunk_size, **kw)
         typer.echo(f"wrote {out}: obsm[{key!r}] (streamed from {data})")
         return
-    adata = read_h5ad(data)
-    res = embed(
-        adata,
-        model,
-        batch_key=batch_key,
-        batch_size=batch_size,
-        device=device,
-        key=key,
-        layer=layer,
-        gene_column=gene_column,
-        max_seq_len=max_seq_len,
-        quiet=quiet,
-    )
+    res = embed(read_h5ad(data), model, **kw)
     write_h5ad(res, out)
     typer.echo(f"wrote {out}: obsm[{key!r}] {res.obsm[key].shape[0]:,} × {res.obsm[key].shape[1]}")
 
