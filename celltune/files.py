@@ -152,11 +152,11 @@ class RunLock:
             return None
         return data if isinstance(data, dict) else None
 
-    def _busy_message(self, owner: dict[str, object]) -> str:
+    def _busy_message(self, owner: dict[str, object], fix: str = " or choose another --out") -> str:
         return (
             f"{self.directory} is in use by another celltune run (pid {owner.get('pid')} on "
-            f"host {owner.get('host')}, lock file {self.path}): wait for it to finish or "
-            "choose another --out; delete the lock file only if that process is gone"
+            f"host {owner.get('host')}, lock file {self.path}): wait for it to finish{fix}; "
+            "delete the lock file only if that process is gone"
         )
 
     def other_owner(self) -> dict[str, object] | None:
@@ -245,7 +245,7 @@ def check_not_in_use(directory: str | os.PathLike[str]) -> None:
     lock = RunLock(directory)
     owner = lock.other_owner()
     if owner is not None:
-        raise InputError(lock._busy_message(owner).replace("choose another --out", "retry then"))
+        raise InputError(lock._busy_message(owner, fix=""))
 
 
 def clean_orphan_temps(directory: str | os.PathLike[str]) -> list[Path]:
