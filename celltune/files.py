@@ -132,13 +132,16 @@ class RunLock:
     A second process that tries to write into the same directory is refused; a lock whose
     owner process is gone (same host, pid no longer running) is stale and taken over. The
     owning process may acquire it again (re-entrant), so the Python API can run twice into
-    one directory from one session.
+    one directory from one session; only the acquisition that created the lock file
+    removes it (an inner ``with RunLock(d)`` leaves the outer one's lock in place).
     """
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.directory = Path(directory)
         self.path = self.directory / LOCK_NAME
         self.held = False
+        self.created = False
+        self.made_dir = False
 
     def _owner(self) -> dict[str, object] | None:
         import json
@@ -149,6 +152,27 @@ class RunLock:
             return None
         return data if isinstance(data, dict) else None
 
+    def _busy_message(self, owner: dict[str, object], fix: str = " or choose another --out") -> str:
+        return (
+            f"{self.directory} is in use by another celltune run (pid {owner.get('pid')} on "
+            f"host {owner.get('host')}, lock file {self.path}): wait for it to finish{fix}; "
+            "delete the lock file only if that process is gone"
+        )
+
+    def other_owner(self) -> dict[str, object] | None:
+        """The owner when another live process holds the lock (else None; stale = None)."""
+        import socket
+
+        owner = self._owner()
+        if owner is None:
+            return None
+        pid, host = owner.get("pid"), owner.get("host")
+        if pid == os.getpid() and host == socket.gethostname():
+            return None
+        if host == socket.gethostname() and isinstance(pid, int) and not _pid_alive(pid):
+            return None
+        return owner
+
     def acquire(self) -> RunLock:
         """Take the lock or raise :class:`InputError` naming the owner and the fix."""
         import json
@@ -156,6 +180,7 @@ class RunLock:
 
         from celltune.errors import InputError
 
+        self.made_dir = not self.directory.exists()
         self.directory.mkdir(parents=True, exist_ok=True)
         me = {"pid": os.getpid(), "host": socket.gethostname()}
         for _ in range(3):
@@ -166,32 +191,30 @@ class RunLock:
                 if owner is None:  # half-written by a process killed while locking
                     self.path.unlink(missing_ok=True)
                     continue
-                pid, host = owner.get("pid"), owner.get("host")
-                if pid == me["pid"] and host == me["host"]:
+                if owner.get("pid") == me["pid"] and owner.get("host") == me["host"]:
                     self.held = True
                     return self
-                if host == me["host"] and isinstance(pid, int) and not _pid_alive(pid):
+                if self.other_owner() is None:
                     self.path.unlink(missing_ok=True)  # stale: its owner is gone
                     continue
-                raise InputError(
-                    f"{self.directory} is in use by another celltune run (pid {pid} on host "
-                    f"{host}, lock file {self.path}): wait for it to finish or choose another "
-                    "--out; delete the lock file only if that process is gone"
-                ) from None
+                raise InputError(self._busy_message(owner)) from None
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 fh.write(json.dumps(me))
                 fh.flush()
                 os.fsync(fh.fileno())
-            self.held = True
+            self.held = self.created = True
             return self
         raise InputError(f"cannot lock {self.directory}; remove {self.path} and retry")
 
     def release(self) -> None:
         """Remove the lock if this process owns it."""
         owner = self._owner()
-        if self.held and owner and owner.get("pid") == os.getpid():
+        if self.created and owner and owner.get("pid") == os.getpid():
             self.path.unlink(missing_ok=True)
-        self.held = False
+            if self.made_dir:  # a run refused before writing leaves no empty directory
+                with contextlib.suppress(OSError):
+                    self.directory.rmdir()
+        self.held = self.created = False
 
     def __enter__(self) -> RunLock:
         return self.acquire()
@@ -212,6 +235,17 @@ def claim_run_dir(directory: str | os.PathLike[str]) -> RunLock:
     atexit.register(lock.release)
     clean_orphan_temps(directory)
     return lock
+
+
+def check_not_in_use(directory: str | os.PathLike[str]) -> None:
+    """Refuse to read a run directory that another live process is writing (e.g. a
+    ``predict`` while its ``train`` still runs); readers take no lock of their own."""
+    from celltune.errors import InputError
+
+    lock = RunLock(directory)
+    owner = lock.other_owner()
+    if owner is not None:
+        raise InputError(lock._busy_message(owner, fix=""))
 
 
 def clean_orphan_temps(directory: str | os.PathLike[str]) -> list[Path]:
@@ -248,17 +282,99 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
-def write_manifest(directory: str | os.PathLike[str]) -> Path:
-    """Write ``manifest.json`` (every file: size, SHA-256) last: its presence = complete run."""
+def _read_manifest(root: Path) -> dict:
+    import json
+
+    try:
+        data = json.loads((root / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_manifest(
+    directory: str | os.PathLike[str],
+    command: str | None = None,
+    inputs: dict[str, object] | None = None,
+    outputs: list[str | os.PathLike[str]] | None = None,
+) -> Path:
+    """Write ``manifest.json`` (every file: size, SHA-256) last: its presence = complete run.
+
+    ``command`` records what wrote ``outputs`` from which ``inputs`` (see
+    :func:`input_record`) under ``runs``, kept from the previous manifest, so that a later
+    run of the same command can tell whether it would replace another input's outputs.
+    """
     root = Path(directory)
+    runs = dict(_read_manifest(root).get("runs") or {})
+    if command is not None:
+        rels = [Path(p).resolve().relative_to(root.resolve()).as_posix() for p in outputs or []]
+        runs[command] = {"inputs": inputs or {}, "outputs": sorted(rels)}
     entries = {}
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root).as_posix()
         if not p.is_file() or p.name in (MANIFEST_NAME, LOCK_NAME) or p.name.startswith("."):
             continue
         entries[rel] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
-    write_json_atomic(root / MANIFEST_NAME, {"format": "celltune-manifest/1", "files": entries})
+    record: dict[str, object] = {"format": "celltune-manifest/1", "files": entries}
+    if runs:
+        record["runs"] = runs
+    write_json_atomic(root / MANIFEST_NAME, record)
     return root / MANIFEST_NAME
+
+
+def input_record(**paths: str | os.PathLike[str] | None) -> dict[str, object]:
+    """What identifies an input file cheaply: resolved path, size, modification time."""
+    out: dict[str, object] = {}
+    for name, p in paths.items():
+        if p is None:
+            continue
+        st = Path(p).stat()
+        out[name] = {"path": str(Path(p).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return out
+
+
+def claim_outputs(
+    directory: str | os.PathLike[str],
+    command: str,
+    inputs: dict[str, object],
+    *,
+    overwrite: bool,
+    marker: str,
+    patterns: tuple[str, ...] = (),
+) -> None:
+    """Before ``command`` writes into ``directory``: refuse to replace the outputs of the
+    same command on another input unless ``overwrite``; then remove that command's previous
+    outputs, so files of two runs never mix (e.g. plots of two data sets).
+
+    A rerun on the same input (after a crash, say) replaces its outputs. ``marker`` is the
+    command's main output: present without a record, it came from an unknown input.
+    ``patterns``: globs of the command's outputs, removed too (a run killed before its
+    manifest left no record of them).
+    """
+    from celltune.errors import InputError
+
+    root = Path(directory)
+    prev = (_read_manifest(root).get("runs") or {}).get(command)
+    if prev is None and not (root / marker).exists():
+        return
+    before = None if prev is None else prev.get("inputs")
+    if before != inputs and not overwrite:
+        what = "an input it cannot identify" if before is None else _inputs_text(before)
+        raise InputError(
+            f"{root} already holds the outputs of `celltune {command}` on {what} ({marker} "
+            f"...), not on {_inputs_text(inputs)}: pass --overwrite to replace them, or "
+            "choose another --out"
+        )
+    stale = {root / rel for rel in ([] if prev is None else prev.get("outputs", []))}
+    stale.update(p for pattern in patterns for p in root.glob(pattern))
+    for p in stale:
+        if p.is_file():
+            p.unlink()
+
+
+def _inputs_text(inputs: dict[str, object]) -> str:
+    paths = [v.get("path") for v in inputs.values() if isinstance(v, dict)]
+    return ", ".join(map(str, paths)) or "no input file"
 
 
 def verify_manifest(directory: str | os.PathLike[str], names: list[str] | None = None) -> None:

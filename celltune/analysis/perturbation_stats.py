@@ -220,6 +220,12 @@ def _groups(column: pd.Series, condition_key: str, control: str) -> _Groups:
             "...). Fix: pass the control value with --control."
         )
     cats = pd.Index([control, *sorted(set(pd.unique(cond)) - {control})])
+    if len(cats) < 2:  # every statistic compares perturbed cells with control cells
+        raise InputError(
+            f"only control cells: all {len(cond):,} cells have {condition_key} == "
+            f"{control!r}, and stats compares perturbed cells with them. Fix: give a file "
+            "with perturbed cells too, or check --condition-key and --control."
+        )
     codes = cats.get_indexer(cond)
     n_cells = np.bincount(codes, minlength=len(cats)).astype(np.float64)
     return _Groups(cond, cats, codes, n_cells)

@@ -85,7 +85,7 @@ def _parse_baselines(text: str | None) -> list[str] | None:
 
 
 # ----------------------------------------------------------------------------- commands
-# long: a typer command; 80 of its lines declare its 34 parameters, 26 map them to config keys
+# long: a typer command; most of its lines declare its 35 parameters and map them to config keys
 def integrate_cmd(
     data: Path = typer.Argument(
         ..., help="Input .h5ad, raw counts in X (or --set data.layer=NAME)."
@@ -108,6 +108,9 @@ def integrate_cmd(
     lora_alpha: float | None = ft.LORA_ALPHA,
     lora_targets: str | None = ft.LORA_TARGETS,
     freeze_layers: int | None = ft.FREEZE_LAYERS,
+    allow_partial: bool = typer.Option(
+        False, "--allow-partial", help="Use --pretrained weights covering < 90% of the model."
+    ),
     epochs: int | None = typer.Option(None, "--epochs", help="Epochs (default 30)."),
     device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda (default auto)."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Mini-batch (default 64)."),
@@ -193,6 +196,7 @@ def integrate_cmd(
         "data.layer": layer,
         "data.data_is_raw": False if not_raw else None,
         "model.pretrained": None if pretrained is None else str(pretrained),
+        "model.allow_partial": True if allow_partial else None,
         "train.epochs": epochs,
         "train.device": device,
         "train.batch_size": batch_size,
@@ -249,6 +253,9 @@ def embed_cmd(
     ),
     chunk_size: int = typer.Option(1024, "--chunk-size", help="With --stream: rows per read."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Logs only, no progress bars."),
+    allow_partial: bool = typer.Option(
+        False, "--allow-partial", help="Load weights covering < 90% of the model (reported)."
+    ),
 ) -> None:
     """Cell embeddings from any model directory (zero-shot), batched, L2-normalised.
 
@@ -267,38 +274,24 @@ def embed_cmd(
     from celltune.data.validate import check_out_not_input
 
     check_out_not_input(out, [data])
+    kw: dict[str, Any] = {
+        "batch_key": batch_key,
+        "batch_size": batch_size,
+        "device": device,
+        "key": key,
+        "layer": layer,
+        "gene_column": gene_column,
+        "max_seq_len": max_seq_len,
+        "quiet": quiet,
+        "allow_partial": allow_partial,
+    }
     if stream:
         from celltune.tasks.integration import embed_file
 
-        embed_file(
-            data,
-            model,
-            out,
-            batch_key=batch_key,
-            batch_size=batch_size,
-            device=device,
-            key=key,
-            layer=layer,
-            gene_column=gene_column,
-            max_seq_len=max_seq_len,
-            chunk_size=chunk_size,
-            quiet=quiet,
-        )
+        embed_file(data, model, out, chunk_size=chunk_size, **kw)
         typer.echo(f"wrote {out}: obsm[{key!r}] (streamed from {data})")
         return
-    adata = read_h5ad(data)
-    res = embed(
-        adata,
-        model,
-        batch_key=batch_key,
-        batch_size=batch_size,
-        device=device,
-        key=key,
-        layer=layer,
-        gene_column=gene_column,
-        max_seq_len=max_seq_len,
-        quiet=quiet,
-    )
+    res = embed(read_h5ad(data), model, **kw)
     write_h5ad(res, out)
     typer.echo(f"wrote {out}: obsm[{key!r}] {res.obsm[key].shape[0]:,} × {res.obsm[key].shape[1]}")
 

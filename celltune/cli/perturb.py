@@ -246,8 +246,10 @@ def predict_cmd(
     Example: celltune perturb predict runs/p --perturbations STAT1 "STAT1+JAK2" --out pred.csv
     """
     from celltune.tasks.perturbation import predict_perturbations, write_prediction_csv
+    from celltune.tasks.perturbation.predict import check_prediction_out
 
     _setup_logging()
+    check_prediction_out(out, run_dir)
     # click binds one value per --perturbations flag; the values that follow it arrive as
     # extra positional arguments, and "A B" in one quoted value is split too
     wanted = [p for item in [*perturbations, *(more or [])] for p in item.split()]
@@ -277,12 +279,16 @@ def evaluate_cmd(
     n_plots: int = typer.Option(4, "--n-plots", help="Perturbations with a DE boxplot."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (default auto)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an evaluation of another --data in DIR."
+    ),
 ) -> None:
     """Score the test perturbations with GEARS/scGPT metrics next to the baselines.
 
     Baselines: control mean (no change), Train Mean, additive, linear (ridge on PCA
     gene embeddings). Writes DIR/metrics.json, metrics_summary.csv,
-    metrics_per_perturbation.csv, perturbation_*.png and report.html.
+    metrics_per_perturbation.csv, perturbation_*.png and report.html; an evaluation of
+    another --data already in DIR is kept unless --overwrite.
     """
     from celltune.errors import InputError
     from celltune.report.perturbation_run import evaluate_perturbation_run
@@ -291,7 +297,13 @@ def evaluate_cmd(
         raise InputError(f"--n-ctrl must be >= 1, got {n_ctrl}")
     _setup_logging()
     metrics = evaluate_perturbation_run(
-        run_dir, data=data, n_ctrl=n_ctrl, n_plots=n_plots, device=_device(device), quiet=quiet
+        run_dir,
+        data=data,
+        n_ctrl=n_ctrl,
+        n_plots=n_plots,
+        device=_device(device),
+        quiet=quiet,
+        overwrite=overwrite,
     )
     for scope, methods in metrics["scopes"].items():
         n_perts = next(iter(methods.values()))["all"]["n_perturbations"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -31,10 +32,14 @@ def stats(
         "included); default all cells, 5000 with --stream.",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the split halves and DE subsample."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace the statistics of another input in DIR."
+    ),
 ) -> None:
     """Answer: how many zeros, how many genes change per perturbation, how much variance.
 
-    Writes DIR/stats.json, per_perturbation.csv, per_gene.csv, PNG plots and report.html.
+    Writes DIR/stats.json, per_perturbation.csv, per_gene.csv, PNG plots and report.html
+    (statistics of another input already in DIR are kept unless --overwrite).
 
     Example: celltune stats data.h5ad --condition-key condition --control ctrl --out stats/
 
@@ -45,38 +50,28 @@ def stats(
 
     Example: celltune stats big.h5ad --stream --de-max-cells 5000 --out stats/
     """
-    from celltune.analysis.perturbation_stats import (
-        compute_perturbation_stats,
-        report_sentences,
-    )
-    from celltune.data.io import read_h5ad
+    from celltune.analysis.perturbation_summary import report_sentences
     from celltune.errors import CelltuneError
-    from celltune.report.stats_report import write_stats
+    from celltune.report.stats_report import open_stats_dir, write_stats
 
+    if stream and de_max_cells is None:
+        de_max_cells = 5000
     try:
-        from celltune.data.source import StoreSource
-        from celltune.data.validate import validate_input
-
-        if stream:
-            source = StoreSource(data, layer)
-            if de_max_cells is None:
-                de_max_cells = 5000
-        else:
-            source = read_h5ad(data)
-            validate_input(source, where=str(data))
-        result = compute_perturbation_stats(
-            source,
-            condition_key=condition_key,
-            control=control,
-            layer=layer,
-            pval=pval,
-            min_lfc=min_lfc,
-            methods=[m for m in methods.split(",") if m.strip()],
-            chunk_rows=chunk_rows,
-            de_max_cells=de_max_cells,
-            seed=seed,
-        )
-        write_stats(result, out)
+        with open_stats_dir(out, data, overwrite) as inputs:  # lock; another input's kept
+            result = _compute(
+                data,
+                stream,
+                condition_key=condition_key,
+                control=control,
+                layer=layer,
+                pval=pval,
+                min_lfc=min_lfc,
+                methods=[m for m in methods.split(",") if m.strip()],
+                chunk_rows=chunk_rows,
+                de_max_cells=de_max_cells,
+                seed=seed,
+            )
+            write_stats(result, out, inputs=inputs)
     except CelltuneError as err:
         typer.secho(f"Error: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from err
@@ -90,6 +85,22 @@ def stats(
             f"{len(sub)} group(s) (stats.json: de_cells); all other figures use every cell."
         )
     typer.echo(f"wrote {out}/stats.json, per_perturbation.csv, per_gene.csv, report.html")
+
+
+def _compute(data: Path, stream: bool, **kw: Any) -> Any:
+    """Read (or open, ``stream``) and validate the input, then compute the statistics."""
+    from celltune.analysis.perturbation_stats import compute_perturbation_stats
+    from celltune.data.io import read_h5ad
+    from celltune.data.source import StoreSource
+    from celltune.data.validate import check_source_names, validate_input
+
+    if stream:
+        source: Any = StoreSource(data, kw["layer"])
+        check_source_names(source)  # what validate_input checks in memory
+    else:
+        source = read_h5ad(data)
+        validate_input(source, where=str(data))
+    return compute_perturbation_stats(source, **kw)
 
 
 def register(app: typer.Typer) -> None:

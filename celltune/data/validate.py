@@ -47,6 +47,24 @@ def check_not_empty(adata: Any, where: str = "the input") -> None:
         )
 
 
+def _duplicates_error(axis: str, names: Any, where: str) -> InputError:
+    """One message for duplicate names, whichever object holds them (same input, same answer)."""
+    import pandas as pd
+
+    names = pd.Index(names)
+    dups = names[names.duplicated()].unique()[:3]
+    why = (
+        "celltune keys every cell's random draws and outputs on its name"
+        if axis == "obs"
+        else "each gene becomes one token by its name"
+    )
+    return InputError(
+        f"{where} has {int(names.duplicated().sum()):,} duplicate {axis}_names (e.g. "
+        f"{', '.join(map(str, dups))}); {why}: make them unique first "
+        f"(adata.{axis}_names_make_unique())"
+    )
+
+
 def check_unique_names(adata: Any, *, make_unique: bool = False, where: str = "the input") -> None:
     """Refuse duplicate obs/var names (or make them unique in place when asked)."""
     for axis in ("obs", "var"):
@@ -56,12 +74,37 @@ def check_unique_names(adata: Any, *, make_unique: bool = False, where: str = "t
         if make_unique:
             getattr(adata, f"{axis}_names_make_unique")()
             continue
-        dups = names[names.duplicated()].unique()[:3]
-        raise InputError(
-            f"{where} has {int(names.duplicated().sum()):,} duplicate {axis}_names (e.g. "
-            f"{', '.join(map(str, dups))}); make them unique first "
-            f"(adata.{axis}_names_make_unique()) or pass --make-unique"
-        )
+        raise _duplicates_error(axis, names, where)
+
+
+def check_source_names(source: Any, where: str | None = None, chunk_rows: int = 65536) -> None:
+    """:func:`check_not_empty` and :func:`check_unique_names` for a file read row by row
+    (a :class:`~celltune.data.source.CellSource`): cell names are read a chunk at a time
+    and compared by 64-bit hash (8 bytes a cell), duplicates confirmed by name."""
+    import pandas as pd
+
+    where = where or getattr(source, "where", "") or "the input"
+    check_not_empty(source, where)
+    var = pd.Index(source.var_names())
+    if not var.is_unique:
+        raise _duplicates_error("var", var, where)
+    n = source.n_obs
+    spans = [(a, min(a + chunk_rows, n)) for a in range(0, n, chunk_rows)]
+    hashes = np.concatenate(
+        [pd.util.hash_array(np.asarray(source.obs_names(a, b), dtype=object)) for a, b in spans]
+    )
+    uniq, counts = np.unique(hashes, return_counts=True)
+    suspects = uniq[counts > 1]
+    if suspects.size == 0:
+        return
+    names = [
+        nm
+        for a, b in spans
+        for nm, hit in zip(source.obs_names(a, b), np.isin(hashes[a:b], suspects), strict=True)
+        if hit
+    ]
+    if not pd.Index(names).is_unique:  # not a hash collision
+        raise _duplicates_error("obs", names, where)
 
 
 def check_group_sizes(groups: Any, minimum: int, what: str, fix: str) -> None:

@@ -130,3 +130,38 @@ def plot_delta_scatter(
     axes[0][0].legend(fontsize=7, frameon=False, loc="upper left")
     fig.tight_layout()
     return _save(fig, path, dpi)
+
+
+def plot_delta_similarity(
+    conditions: list[str],
+    true_means: dict[str, Any],
+    predictions: dict[str, dict[str, Any]],
+    ctrl_mean: Any,
+    path: Path,
+) -> Path:
+    """Pairwise Pearson of the changes vs control between perturbations: truth next to
+    each method. A model that predicts one average change for everything (scGPT issue
+    #277) shows a uniformly red matrix where the truth does not."""
+    plt = _pyplot()
+    C = np.asarray(ctrl_mean, dtype=np.float64)
+    panels = {"truth": true_means, **predictions}
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.9 * len(panels) + 0.8, 3.2), squeeze=False)
+    im = None
+    for ax, (name, means) in zip(axes[0], panels.items(), strict=True):
+        D = np.stack([np.asarray(means[c], dtype=np.float64) - C for c in conditions])
+        Dc = D - D.mean(axis=1, keepdims=True)
+        norm = np.linalg.norm(Dc, axis=1)
+        Dn = Dc / np.where(norm > 0, norm, 1.0)[:, None]
+        R = Dn @ Dn.T
+        off = ~np.eye(len(conditions), dtype=bool)
+        mean_r = float(R[off].mean()) if len(conditions) > 1 else float("nan")
+        im = ax.imshow(R, vmin=-1, vmax=1, cmap="RdBu_r")
+        labels = [c.replace("+ctrl", "") for c in conditions]
+        ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
+        ax.set_yticks(range(len(labels)), labels if ax is axes[0][0] else [], fontsize=7)
+        ax.set_title(f"{name}\nmean pairwise r = {mean_r:.2f}", fontsize=9)
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="r of changes vs control")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png", bbox_inches="tight")
+    plt.close(fig)
+    return path

@@ -38,45 +38,9 @@ TABLE_METRICS = (
 MODEL_NAME = "celltune"
 
 
-def _plot_delta_similarity(
-    conditions: list[str],
-    true_means: dict[str, Any],
-    predictions: dict[str, dict[str, Any]],
-    ctrl_mean: Any,
-    path: Path,
-) -> Path:
-    """Pairwise Pearson of the changes vs control between perturbations: truth next to
-    each method. A model that predicts one average change for everything (scGPT issue
-    #277) shows a uniformly red matrix where the truth does not."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from celltune.files import atomic_path
-
-    C = np.asarray(ctrl_mean, dtype=np.float64)
-    panels = {"truth": true_means, **predictions}
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.9 * len(panels) + 0.8, 3.2), squeeze=False)
-    im = None
-    for ax, (name, means) in zip(axes[0], panels.items(), strict=True):
-        D = np.stack([np.asarray(means[c], dtype=np.float64) - C for c in conditions])
-        Dc = D - D.mean(axis=1, keepdims=True)
-        norm = np.linalg.norm(Dc, axis=1)
-        Dn = Dc / np.where(norm > 0, norm, 1.0)[:, None]
-        R = Dn @ Dn.T
-        off = ~np.eye(len(conditions), dtype=bool)
-        mean_r = float(R[off].mean()) if len(conditions) > 1 else float("nan")
-        im = ax.imshow(R, vmin=-1, vmax=1, cmap="RdBu_r")
-        labels = [c.replace("+ctrl", "") for c in conditions]
-        ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
-        ax.set_yticks(range(len(labels)), labels if ax is axes[0][0] else [], fontsize=7)
-        ax.set_title(f"{name}\nmean pairwise r = {mean_r:.2f}", fontsize=9)
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="r of changes vs control")
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png", bbox_inches="tight")
-    plt.close(fig)
-    return path
+EVALUATE = "perturb evaluate"
+#: what an evaluation writes into the run directory (removed before the next one)
+EVAL_FILES = ("metrics.json", "metrics_*.csv", "perturbation_*.png", "report.html")
 
 
 def evaluate_perturbation_run(
@@ -87,6 +51,7 @@ def evaluate_perturbation_run(
     n_plots: int = 4,
     device: str = "cpu",
     quiet: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """The ``evaluate`` command as a function; returns the content of ``metrics.json``.
 
@@ -95,18 +60,43 @@ def evaluate_perturbation_run(
     ``model`` (the test perturbations the model can represent: every method on the same
     set) and ``all`` (every test perturbation: baselines only). Writes ``metrics.json``,
     ``metrics_summary.csv``, ``metrics_per_perturbation.csv``, PNGs and ``report.html``.
+    An evaluation on another data file than the one already in ``run_dir`` is refused
+    unless ``overwrite`` (then the old one's files are removed first: no mixed plots).
     """
+    import contextlib
+
+    from celltune.files import RunLock
+
+    # a train or another evaluate into the same directory is refused; a missing directory
+    # is named by load_run (no lock directory is made for it)
+    with RunLock(run_dir) if Path(run_dir).is_dir() else contextlib.nullcontext():
+        return _evaluate(Path(run_dir), data, n_ctrl, n_plots, device, quiet, overwrite)
+
+
+def _evaluate(
+    out: Path,
+    data: str | Path | None,
+    n_ctrl: int | None,
+    n_plots: int,
+    device: str,
+    quiet: bool,
+    overwrite: bool,
+) -> dict[str, Any]:
+    """:func:`evaluate_perturbation_run` under the run directory's lock."""
     import time
 
     from celltune.eval.perturbation import eval_inputs_from_adata
     from celltune.eval.perturbation_baselines import BASELINES, PerturbationBaselines
-    from celltune.files import write_json_atomic
+    from celltune.files import claim_outputs, input_record, write_json_atomic, write_manifest
     from celltune.tasks.perturbation import load_run
 
     t0 = time.perf_counter()
-    out = Path(run_dir)
     run = load_run(out, device=device)
     data_path, adata = _load_data(run, out, data)
+    record = input_record(data=data_path)
+    claim_outputs(
+        out, EVALUATE, record, overwrite=overwrite, marker="metrics.json", patterns=EVAL_FILES
+    )
     inputs = eval_inputs_from_adata(adata)
     sets = _test_sets(list(inputs["true_cells"]), run)
     n, model_pred = _predict_model(run, sets["placeable"], n_ctrl, quiet)
@@ -130,6 +120,9 @@ def evaluate_perturbation_run(
     metrics["seconds"] = round(time.perf_counter() - t0, 1)
     write_json_atomic(out / "metrics.json", metrics)
     _write_html(run, out, sets, n, scopes, table, images, captions)
+    written = [out / "metrics.json", out / "report.html", *images]
+    written += [out / "metrics_per_perturbation.csv", out / "metrics_summary.csv"]
+    write_manifest(out, EVALUATE, record, written)
     logger.info("wrote %s (%.0f s)", out / "report.html", time.perf_counter() - t0)
     return metrics
 
@@ -328,7 +321,7 @@ def _plots(
         captions.append("predicted vs true change vs control, every gene of every perturbation")
         if len(plot_conds) > 1:
             images.append(
-                _plot_delta_similarity(
+                pplots.plot_delta_similarity(
                     plot_conds,
                     true_means,
                     {k: {c: v[c] for c in plot_conds} for k, v in shown.items()},

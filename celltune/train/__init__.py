@@ -14,6 +14,7 @@ from celltune.train.loop import (
     NonFiniteLossError,
     StepContext,
     Trainer,
+    check_resume_input,
     input_fingerprint,
     make_loader,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "StepContext",
     "TrainConfig",
     "Trainer",
+    "check_resume_input",
     "input_fingerprint",
     "make_loader",
 ]

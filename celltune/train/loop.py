@@ -38,6 +38,7 @@ from celltune.train.progress import ETA_BATCHES, epoch_line, fmt, log_eta, term_
 from celltune.train.schedule import epoch_scheduler, run_steps, set_step_lr
 from celltune.train.state import (
     CHECKPOINT_FORMAT,
+    check_resume_input,
     input_fingerprint,
     read_checkpoint,
     rng_state,
@@ -490,6 +491,7 @@ __all__ = [
     "StepContext",
     "StepFn",
     "Trainer",
+    "check_resume_input",
     "input_fingerprint",
     "make_loader",
 ]

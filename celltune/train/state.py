@@ -15,11 +15,10 @@ from celltune.errors import CelltuneError, InputError
 CHECKPOINT_FORMAT = "celltune.train.checkpoint/1"
 
 
-def read_checkpoint(path: Path, select_metric: str, fingerprint: Mapping[str, Any]) -> dict:
-    """``checkpoint.pt`` of a resumable run, refused (with the fix) when it cannot be resumed:
-    unreadable, not a celltune checkpoint, another ``select_metric`` or another input."""
+def _load_state(path: Path, mmap: bool = False) -> dict:
+    """The checkpoint's dict, or one error naming the file when it is not a celltune one."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # corrupt / foreign file: say which and what to do
         raise CelltuneError(
             f"cannot resume from {path}: {err}; delete it to start from scratch"
@@ -28,6 +27,21 @@ def read_checkpoint(path: Path, select_metric: str, fingerprint: Mapping[str, An
         raise CelltuneError(
             f"{path} is not a celltune training checkpoint; delete it or use another --out"
         )
+    return state
+
+
+def check_resume_input(path: Path, fingerprint: Mapping[str, Any]) -> None:
+    """Refuse a resume on other data before the task writes anything (``config.yaml``):
+    the checkpoint is memory-mapped, its tensors are not read."""
+    if path.is_file():
+        state = _load_state(path, mmap=True)
+        check_fingerprint(state.get("fingerprint") or {}, fingerprint, path)
+
+
+def read_checkpoint(path: Path, select_metric: str, fingerprint: Mapping[str, Any]) -> dict:
+    """``checkpoint.pt`` of a resumable run, refused (with the fix) when it cannot be resumed:
+    unreadable, not a celltune checkpoint, another ``select_metric`` or another input."""
+    state = _load_state(path)
     if state["select_metric"] != select_metric:
         raise InputError(
             f"the checkpoint selected models on {state['select_metric']!r} but this run "

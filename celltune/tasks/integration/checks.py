@@ -46,7 +46,10 @@ def check_integration_input(adata: AnnData, cfg: IntegrationConfig) -> list[str]
     and metrics are noisy).
     """
     from celltune.data import io
+    from celltune.data.validate import check_not_empty, check_unique_names
 
+    check_not_empty(adata)  # the streamed path runs the same checks (check_source_names)
+    check_unique_names(adata)
     if adata.n_obs < 20:
         raise InputError(
             f"only {adata.n_obs} cells: integration fine-tuning needs at least 20 "
@@ -56,11 +59,6 @@ def check_integration_input(adata: AnnData, cfg: IntegrationConfig) -> list[str]
     col = io.require_obs_column(adata, cfg.data.batch_key, "integration (--batch-key)")
     if cfg.data.label_key is not None:
         io.require_obs_column(adata, cfg.data.label_key, "evaluation (--label-key)")
-    if not adata.obs_names.is_unique:
-        raise InputError(
-            "cell names (obs_names) are not unique, but celltune keys every cell's random "
-            "draws and outputs on its name: call adata.obs_names_make_unique() first"
-        )
     cats = _batch_categories(col)
     check_batch_counts(col.astype(str).value_counts(), cfg)
     return cats

@@ -93,6 +93,8 @@ class ModelSection:
     """Architecture (SPEC §3). With ``pretrained`` the trunk sizes come from its args.json."""
 
     pretrained: str | None = None
+    # load a pretrained directory whose weights cover < 90% of the model (reported)
+    allow_partial: bool = False
     # auto | scratch | scgpt (tasks.integration.recipe): the settings a run gets unless set
     recipe: str = "auto"
     d_model: int = 128

@@ -110,11 +110,14 @@ def resolve_embed_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_embedding_model(model_dir: Path) -> tuple[nn.Module, dict[str, Any]]:
-    """The model of a directory (with its vocabulary) and its ``celltune_task.json``."""
+def load_embedding_model(
+    model_dir: Path, allow_partial: bool = False
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The model of a directory (with its vocabulary) and its ``celltune_task.json``
+    (``allow_partial``: accept weights that cover < 90% of the model, reported)."""
     from celltune.model.checkpoint import load_model
 
-    model = load_model(model_dir, device="cpu")
+    model = load_model(model_dir, device="cpu", allow_partial=allow_partial)
     if model.vocab is None:
         raise InputError(f"{model_dir} has no vocab.json: a model directory needs one to embed")
     return model, _read_task_file(model_dir) or {}

@@ -59,10 +59,11 @@ def _setup(
     batch_key: str | None,
     gene_column: str | None,
     seed: int | None = None,
+    allow_partial: bool = False,
 ) -> _Setup:
     """Load the model; match the source's genes to its vocabulary (``gene_column``, else
     the run's own, else ``var_names``); order the batch categories as the run did."""
-    model, task = load_embedding_model(model_dir)
+    model, task = load_embedding_model(model_dir, allow_partial)
     vocab, mc = model.vocab, model.config
     if gene_column is None:
         gene_column = task.get("gene_column")
@@ -111,6 +112,7 @@ def embed(
     include_zero_gene: bool | None = None,
     seed: int | None = None,
     quiet: bool = False,
+    allow_partial: bool = False,
 ) -> AnnData:
     """Zero-shot cell embeddings from any scGPT-format model directory.
 
@@ -122,6 +124,8 @@ def embed(
     reproduced; other directories follow scGPT's ``embed_data``: non-zero genes only, at
     most 1,200 genes, ``<cls>`` value = ``pad_value``. Cells whose batch is unknown to
     the model (or no ``batch_key``) use pooled DSBN statistics and no batch label.
+    A model directory whose weights cover < 90% of the model is refused unless
+    ``allow_partial`` (docs/reliability.md).
     """
     import anndata
 
@@ -134,7 +138,7 @@ def embed(
         raise InputError(f"--batch-size must be >= 1 (got {batch_size})")
     mdir = Path(model_dir)
     dev = resolve_embed_device(device)
-    s = _setup(AnnDataSource(adata), mdir, batch_key, gene_column, seed)
+    s = _setup(AnnDataSource(adata), mdir, batch_key, gene_column, seed, allow_partial)
     X = io.get_matrix(adata, layer)
     if hasattr(X, "to_memory"):
         X = X.to_memory()
@@ -179,6 +183,7 @@ def embed_file(
     chunk_size: int = 1024,
     buffer_chunks: int = 8,
     quiet: bool = False,
+    allow_partial: bool = False,
 ) -> Path:
     """:func:`embed` streamed from disk (``.h5ad`` or ``.zarr``), written to ``out_path``.
 
@@ -198,7 +203,7 @@ def embed_file(
     path, mdir, out_path = Path(path), Path(model_dir), Path(out_path)
     dev = resolve_embed_device(device)
     src = StoreSource(path, layer)
-    s = _setup(src, mdir, batch_key, gene_column)
+    s = _setup(src, mdir, batch_key, gene_column, allow_partial=allow_partial)
     ds = StreamingCellDataset(
         src,
         s.gene_ids,

@@ -54,8 +54,11 @@ class StreamedInputs(RunInputs):
     embed_on_every_rank = False  # rank 0 embeds and writes
 
     def check(self) -> list[str]:
+        from celltune.data.validate import check_source_names
+
         d, src = self.cfg.data, self.source
         assert d.batch_key is not None
+        check_source_names(src)  # what the in-memory path checks (check_integration_input)
         codes_raw, cats_raw = src.obs_codes(d.batch_key, None, "integration (--batch-key)")
         if d.label_key is not None:
             src.obs_codes(d.label_key, None, "evaluation (--label-key)")

@@ -46,7 +46,7 @@ def load_pretrained(cfg: IntegrationConfig) -> nn.Module | None:
         return None
     from celltune.model.checkpoint import load_model
 
-    pretrained = load_model(m.pretrained, device="cpu")
+    pretrained = load_model(m.pretrained, device="cpu", allow_partial=m.allow_partial)
     if pretrained.vocab is None:
         raise InputError(
             f"pretrained model {m.pretrained} has no vocab.json: a model directory needs "

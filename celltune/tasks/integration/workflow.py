@@ -2,8 +2,8 @@
 
 ::
 
-    check input ─ run dir ─ pretrained ─ config.yaml ─ genes/HVGs ─ split ─ loaders
-        ─ train (Trainer: resume, fingerprint, time estimate) ─ embed ─ outputs ─ files
+    check input ─ pretrained ─ run dir ─ genes/HVGs ─ resume check ─ config.yaml ─ split
+        ─ loaders ─ train (Trainer: resume, time estimate) ─ embed ─ outputs ─ files
 
 The source-dependent steps are methods of :class:`~celltune.tasks.integration.inputs.RunInputs`
 (in memory: :mod:`~celltune.tasks.integration.memory`; streamed:
@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from celltune.errors import InputError
 from celltune.tasks.config import dump_config
 from celltune.tasks.integration.checks import stratified_split
 from celltune.tasks.integration.config import IntegrationConfig, IntegrationResult
@@ -48,7 +49,8 @@ def open_inputs(
 ) -> RunInputs:
     """The run's inputs for ``data``: an AnnData (or ``AnnDataSource``) in memory; a path
     (``.h5ad`` or ``.zarr``) is streamed with ``data.stream`` (a ``StoreSource``), else
-    read into memory."""
+    read into memory. A backed AnnData is streamed from its file with ``data.stream``,
+    else refused (before anything is written)."""
     from celltune.data import io
     from celltune.data.source import AnnDataSource, StoreSource
     from celltune.tasks.integration.memory import InMemoryInputs
@@ -64,6 +66,14 @@ def open_inputs(
             data = anndata.read_zarr(data)
         else:
             data = io.read_h5ad(data)
+    if getattr(data, "isbacked", False):  # its file can be streamed, not copied in memory
+        if not cfg.data.stream:
+            raise InputError(
+                f"a backed AnnData ({data.filename}) cannot be integrated in memory: stream "
+                "its file (data.stream=True, integrate_file(path, ...), --stream) or load it "
+                "first (adata.to_memory())"
+            )
+        data = StoreSource(data.filename, cfg.data.layer)
     if isinstance(data, StoreSource):
         return StreamedInputs(data, cfg)
     if not isinstance(data, AnnDataSource):
@@ -87,6 +97,7 @@ def integrate(
     temporary directory, nothing kept). ``resume``: continue from
     ``out_dir/checkpoint.pt`` (same settings and input required).
     """
+    from celltune.train import CHECKPOINT_NAME, check_resume_input
     from celltune.train import distributed as dist_utils
 
     t_start = time.perf_counter()
@@ -94,12 +105,14 @@ def integrate(
     cfg = resolve_config(config)
     inputs = open_inputs(data, cfg)
     batch_cats = inputs.check()  # before anything is written
-    # sets cfg.model to its architecture, so the resume check compares the sizes used
-    pretrained = load_pretrained(cfg)
-    out, tmp_dir = open_run_dir(cfg, out_dir, resume)
-    if out_dir is not None and dist_utils.is_main_process():  # after the resume check
-        dump_config(cfg, out / "config.yaml", header="celltune integrate: resolved configuration")
+    pretrained = load_pretrained(cfg)  # sets cfg.model to its architecture; refuses a bad one
+    out, tmp_dir = open_run_dir(cfg, out_dir, resume)  # --resume: the settings checked
     genes = inputs.choose_genes(pretrained, batch_cats)
+    fingerprint = inputs.fingerprint(genes.vocab)
+    if resume:  # the input and vocabulary checked too, before anything is written
+        check_resume_input(out / CHECKPOINT_NAME, fingerprint)
+    if out_dir is not None and dist_utils.is_main_process():
+        dump_config(cfg, out / "config.yaml", header="celltune integrate: resolved configuration")
 
     split_idx = stratified_split(inputs.batch_names(), cfg.data.valid_fraction, cfg.train.seed)
     _log_split(inputs.n_cells(), split_idx, batch_cats, genes)
@@ -114,7 +127,7 @@ def integrate(
         val_loader,
         out,
         resume,
-        fingerprint=inputs.fingerprint(genes.vocab),
+        fingerprint=fingerprint,
     )
     task_info = task_record(cfg, batch_cats, genes.pp_cfg)
     if inputs.streamed:

@@ -206,8 +206,26 @@ def predict_perturbations(
     )
 
 
+def check_prediction_out(
+    path: str | os.PathLike[str], run_dir: str | os.PathLike[str] | None = None
+) -> None:
+    """Refuse an ``--out`` that is a directory or one of the run directory's own files
+    (before anything is predicted)."""
+    from celltune.data.validate import check_out_not_input
+
+    p = Path(path)
+    if p.is_dir():
+        raise InputError(
+            f"--out {p} is an existing directory; give the path of the CSV to write, e.g. "
+            f"--out {p / 'prediction.csv'}"
+        )
+    if run_dir is not None and Path(run_dir).is_dir():
+        check_out_not_input(p, [f for f in Path(run_dir).rglob("*") if f.is_file()])
+
+
 def write_prediction_csv(pred: Prediction, path: str | os.PathLike[str]) -> Path:
     """Long-format CSV (atomic)."""
+    check_prediction_out(path)
     with atomic_path(path) as tmp:
         pred.to_long().to_csv(tmp, index=False)
     return Path(path)

@@ -8,6 +8,7 @@ Layout (written by :func:`celltune.tasks.perturbation.train.train_perturbation_m
     DIR/controls.h5ad   the control-cell pool that ``predict`` averages over
     DIR/run.json        data path, gene and perturbation counts, exclusions, timings
     DIR/checkpoint.pt, DIR/best_state.pt   training loop state (resume)
+    DIR/manifest.json   written last (every file, its size and SHA-256; the runs that wrote)
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import scipy.sparse as sp
 import torch
 
 from celltune.errors import InputError
-from celltune.files import atomic_path
+from celltune.files import atomic_path, check_not_in_use, verify_manifest
 from celltune.tasks.perturbation.config import CTRL, PerturbConfig, load_perturb_config
 from celltune.tasks.perturbation.data import PerturbationData
 
@@ -113,6 +114,8 @@ def load_run(run_dir: str | os.PathLike[str], device: str = "cpu") -> LoadedRun:
             f"{d} is not a finished 'celltune perturb train' run (missing {', '.join(missing)}); "
             "train first, or finish it with 'celltune perturb train ... --resume'"
         )
+    check_not_in_use(d)  # a run still training is not read half-way
+    verify_manifest(d, ["config.yaml", "controls.h5ad", "run.json"])  # model/: load_model
     cfg = load_perturb_config(d / "config.yaml")
     model = load_model(d / "model", device=device)
     if not model.config.generator:

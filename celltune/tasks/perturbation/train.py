@@ -115,8 +115,25 @@ def train_perturbation_model(
     resume: bool = False,
     quiet: bool | None = None,
 ) -> PerturbationRun:
-    """Fine-tune the perturbation-flag transformer on a prepared file (see the package doc)."""
+    """Fine-tune the perturbation-flag transformer on a prepared file (see the package doc).
+
+    The run directory is locked while training (a second run into it is refused) and gets
+    ``manifest.json`` last (docs/reliability.md)."""
+    from celltune.files import RunLock, clean_orphan_temps, input_record, write_manifest
+
     cfg, out = _open_run(out_dir, config, resume=resume, quiet=quiet)
+    with RunLock(out):
+        clean_orphan_temps(out)
+        run = _train(data, cfg, out, resume)
+        inputs = input_record(data=data) if isinstance(data, (str, os.PathLike)) else {}
+        write_manifest(out, "perturb train", inputs, [])
+    return run
+
+
+def _train(
+    data: AnnData | str | os.PathLike[str], cfg: PerturbConfig, out: Path, resume: bool
+) -> PerturbationRun:
+    """The training run of :func:`train_perturbation_model`, under its lock."""
     t_start = time.perf_counter()
     adata, store, source = _read_data(data, cfg)
     torch.manual_seed(cfg.train.seed)
@@ -218,6 +235,8 @@ def _open_run(
         cfg = dataclasses.replace(cfg, train=cfg.train.replace(quiet=quiet))
     cfg.validate()
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is an existing file; give a directory path for the run")
     if out.exists() and (out / "checkpoint.pt").is_file() and not resume:
         raise InputError(
             f"{out} already holds a training run (checkpoint.pt); pass --resume to continue it "
