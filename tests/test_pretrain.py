@@ -151,8 +151,9 @@ def test_pretrain_then_init_then_integrate_pretrained(
     # --init on a third file: its new genes are appended, every old id keeps its row
     cont = tmp_path / "cont"
     args = ["pretrain", str(kang_harmony_path), "--init", str(model_dir), "--out", str(cont)]
-    code, _, _ = _cli([*args, *TINY_FLAGS, "--epochs", "1", "--lr", "1e-9"], capsys)
+    code, _, _ = _cli([*args, *TINY_FLAGS, "--epochs", "1", "--lr", "1e-9", "--ecs"], capsys)
     assert code == 0
+    assert np.isfinite(pd.read_csv(cont / "history.csv")["val/ecs"]).all()  # --ecs
     wide = load_model(cont / MODEL_DIR)
     old_vocab = model.vocab.token_to_id
     assert all(wide.vocab.token_to_id[g] == i for g, i in old_vocab.items())
@@ -175,3 +176,25 @@ def test_pretrain_then_init_then_integrate_pretrained(
     tuned = load_model(ft / "model")
     assert tuned.config.d_model == 32 and tuned.config.ntoken == model.config.ntoken
     assert np.isfinite(pd.read_csv(ft / "history.csv")["val/mse"]).all()
+
+
+@pytest.mark.e2e
+def test_two_cpu_processes_under_torchrun(
+    kang_stim_path: Path, kang_donors_path: Path, tmp_path: Path
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from celltune.model.checkpoint import load_model
+
+    out = tmp_path / "ddp"
+    files = [str(kang_stim_path), str(kang_donors_path)]
+    cmd = [sys.executable, "-m", "celltune", "pretrain", *files, "--out", str(out)]
+    cmd += [*TINY_FLAGS, "--epochs", "1", "--devices", "2", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "pretrained on 300 cells of 2 file(s)" in done.stdout
+    assert "world size 2" in done.stderr
+    assert load_model(out / MODEL_DIR).config.d_model == 32
