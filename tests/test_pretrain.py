@@ -95,6 +95,32 @@ def test_missing_files_and_label_terms_are_refused(kang_stim_path: Path, tmp_pat
     assert name_kind(["TP53", "BRCA1"]) == "gene symbols"
 
 
+def test_keep_vocab_restricts_to_the_init_genes_and_case_is_hinted(
+    run_dir: Path, kang_harmony_path: Path, mesc_path: Path
+) -> None:
+    from celltune.model.checkpoint import load_model
+    from celltune.tasks.pretrain import PretrainSection, build_vocab
+    from celltune.tasks.pretrain.genes import check_match
+
+    init_vocab = load_model(run_dir / MODEL_DIR).vocab
+    genes = list(read_h5ad(kang_harmony_path).var_names)
+    keep = PretrainSection(extend_vocab=False)
+    with pytest.raises(InputError, match=r"matches 1,533 of the 9,015 .*both look like gene sym"):
+        build_vocab({"harmony": genes}, keep, init_vocab, "run/model")  # 17% < 50%
+    keep.min_vocab_match = 0.1
+    vocab, (fg,) = build_vocab({"harmony": genes}, keep, init_vocab, "run/model")
+    assert vocab is init_vocab
+    known = init_vocab.token_to_id
+    assert fg.n_used == sum(g in known for g in genes) < len(genes)
+    assert all((i >= 0) == (g in known) for g, i in zip(genes, fg.gene_ids, strict=True))
+    mesc = list(read_h5ad(mesc_path).var_names)
+    with pytest.raises(InputError, match=r"--keep-vocab\) matches 0 of the 1,047 genes"):
+        build_vocab({"mesc": mesc}, keep, init_vocab, "run/model")
+    mouse_case = [g.capitalize() for g in list(known)[:200] if not g.startswith("<")]
+    with pytest.raises(InputError, match="match when letter case is ignored"):
+        check_match("mouse", mouse_case, init_vocab, "the vocabulary", 0.5)
+
+
 # ----------------------------------------------------------------------------- resume
 def test_resume_continues_the_run_and_refuses_other_files(
     run_dir: Path,

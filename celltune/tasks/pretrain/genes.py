@@ -103,11 +103,19 @@ def check_match(name: str, genes: list[str], vocab: Any, what: str, minimum: flo
         else ""
     )
     pct = 100 * n / max(len(genes), 1)
+    kind, vkind = name_kind(genes), name_kind(vocab_genes)
+    why = (
+        f"the file's names look like {kind} (e.g. {_examples(genes)}), the vocabulary's "
+        f"like {vkind} (e.g. {_examples(vocab_genes)})"
+    )
+    if kind == vkind and not hint:
+        why = (
+            f"both look like {kind} (e.g. {_examples(genes)} / {_examples(vocab_genes)}), so "
+            "the file mostly holds genes the vocabulary lacks (another panel or species?)"
+        )
     raise InputError(
         f"{what} matches {n:,} of the {len(genes):,} genes of {name} ({pct:.1f}%, "
-        f"need {100 * minimum:.0f}%): the file's names look like {name_kind(genes)} (e.g. "
-        f"{_examples(genes)}), the vocabulary's like {name_kind(vocab_genes)} (e.g. "
-        f"{_examples(vocab_genes)}){hint}; use the naming of the vocabulary (e.g. "
+        f"need {100 * minimum:.0f}%): {why}{hint}; use the naming of the vocabulary (e.g. "
         "--set data.gene_column=COLUMN for a var column of symbols), or "
         "--set pretrain.min_vocab_match=0 to go on"
     )
