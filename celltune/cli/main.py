@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from celltune.cli import annotate, integrate, model, perturb, preprocess, stats
+from celltune.cli import annotate, integrate, model, perturb, preprocess, pretrain, stats
 from celltune.cli.help import CelltuneGroup
 
 app = typer.Typer(
@@ -55,7 +55,7 @@ def root(
     """
 
 
-for _module in (preprocess, integrate, perturb, stats, model, annotate):
+for _module in (preprocess, integrate, pretrain, perturb, stats, model, annotate):
     _module.register(app)
 
 

@@ -170,13 +170,17 @@ class IntegrationConfig:
 
     def validate(self) -> None:
         """Reject impossible settings before any data is touched (each names its fix)."""
-        d, t, o = self.data, self.tokens, self.objective
-        self.finetune.validate()
-        if not d.batch_key:
+        if not self.data.batch_key:
             raise InputError(
                 "no batch column given: pass --batch-key COLUMN (the obs column that names "
                 "each cell's batch), or set data.batch_key in the config"
             )
+        self.validate_settings()
+
+    def validate_settings(self) -> None:
+        """The checks that need no batch column (shared with ``celltune pretrain``)."""
+        d, t, o = self.data, self.tokens, self.objective
+        self.finetune.validate()
         if not 0.0 < d.valid_fraction < 1.0:
             raise InputError(
                 f"data.valid_fraction must be in (0, 1), got {d.valid_fraction}; scGPT uses 0.1"

@@ -31,7 +31,7 @@ def _check_resume(cfg: IntegrationConfig, out_dir: Path, resume: bool) -> None:
         return
     if not saved.is_file():
         return
-    before = load_config(saved, schema=IntegrationConfig)
+    before = load_config(saved, schema=type(cfg))  # a subclass: PretrainConfig
     changed = diff_configs(before, cfg, ignore=_RESUME_MAY_CHANGE)
     if changed:
         raise InputError(
