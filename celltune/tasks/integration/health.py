@@ -4,8 +4,12 @@ Each validation pass keeps the cell embeddings, batch labels and dense (binned) 
 of a fixed sample of validation cells (the first ``max_cells`` of the validation loader,
 whose order does not change between epochs) and scores them with
 :func:`celltune.train.embedding_health.embedding_health`. The PCA of the same cells'
-expression is the reference, logged once; a collapsing embedding is warned about while
-the run is still going.
+expression is the reference, logged once.
+
+No warning is raised from the participation ratio alone: on PBMCs the best runs measured
+have ``val/pr`` ≈ 1.05, because one biological axis (monocytes vs lymphocytes) holds
+94% of the embedding's variance while neighbourhoods keep improving (``val/preserve``
+rising). A ratio near 1 *with* ``val/preserve`` falling is what collapse looks like.
 """
 
 from __future__ import annotations
@@ -20,10 +24,6 @@ from celltune.train.embedding_health import embedding_health, reference_health
 
 logger = logging.getLogger("celltune.tasks.integration")
 
-#: below this participation ratio the embedding is (nearly) one-dimensional
-COLLAPSE_PR = 2.0
-
-
 class HealthSample:
     """Collects one validation pass's sample; :meth:`scores` scores and resets it."""
 
@@ -34,7 +34,6 @@ class HealthSample:
         self._expr: list[np.ndarray] = []
         self._n = 0
         self._reference_logged = False
-        self._warned = False
 
     def add(self, cell_emb: Any, batch: Mapping[str, Any], expression: Any) -> None:
         """Keep this mini-batch's cells while the sample has room."""
@@ -68,13 +67,6 @@ class HealthSample:
             )
             self._reference_logged = True
         out = embedding_health(emb, batches, expr)
-        if out["pr"] < COLLAPSE_PR and not self._warned:
-            logger.warning(
-                "the cell embedding is collapsing (participation ratio %.2f: nearly one "
-                "direction); see docs/integration-recipe.md for what to try",
-                out["pr"],
-            )
-            self._warned = True
         return {f"val/{k}": v for k, v in out.items()}
 
     def _reset(self) -> None:
