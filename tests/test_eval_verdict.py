@@ -55,3 +55,37 @@ def test_checks_flag_a_length_embedding_and_pass_pca(kang):
     # ... and PCA of the log-normalised real cells, which spreads over many directions.
     assert participation_ratio(pca) > 3
     assert length_correlation(pca, n_expr) < length_correlation(collapsed, n_expr)
+
+
+@pytest.fixture(scope="module")
+def kang_expr(kang_stim_path):
+    a = ad.read_h5ad(kang_stim_path)[::3].copy()  # both batches (the file is sorted)
+    sc.pp.normalize_total(a, 1e4)
+    sc.pp.log1p(a)
+    sc.pp.highly_variable_genes(a, n_top_genes=300)
+    x = a[:, a.var["highly_variable"]].X.toarray()
+    return x, a.obs["batch"].astype(str).to_numpy()
+
+
+def test_health_scores_separate_mixed_apart_and_collapsed(kang_expr):
+    from celltune.train.embedding_health import (
+        batch_mixing,
+        embedding_health,
+        expression_pca,
+        neighbour_preservation,
+    )
+
+    x, batches = kang_expr
+    pca = expression_pca(x)
+    rng = np.random.default_rng(0)
+    # the expression PCA keeps its own neighbourhoods; noise keeps almost none
+    assert neighbour_preservation(pca, pca) == pytest.approx(1.0)
+    assert neighbour_preservation(rng.normal(size=pca.shape), pca) < 0.1
+    # an embedding that is the batch label (plus a little noise) does not mix; noise mixes
+    onehot = (batches[:, None] == np.unique(batches)[None]).astype(float) * 10
+    assert batch_mixing(onehot + rng.normal(scale=0.1, size=onehot.shape), batches) < 0.05
+    assert batch_mixing(rng.normal(size=(len(batches), 16)), batches) > 0.8
+    # real ctrl vs stimulated PBMCs: the PCA separates the batches partly
+    assert 0.05 < batch_mixing(pca, batches) < 0.9
+    h = embedding_health(onehot, batches, x)
+    assert set(h) == {"pr", "mixing", "preserve"} and h["pr"] < 1.5

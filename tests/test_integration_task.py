@@ -189,6 +189,9 @@ def test_integrate_end_to_end_with_resume(
     for term in ("mse", "zero_log_prob", "gepc", "gepc_zero_log_prob", "ecs", "dab"):
         for split in ("train", "val"):
             assert np.isfinite(hist[f"{split}/{term}"]).all(), f"{split}/{term}"
+    # the per-epoch embedding health of the validation sample (issue 16's guardrail)
+    assert (hist["val/pr"] >= 1).all() and hist["val/mixing"].between(0, 1).all()
+    assert hist["val/preserve"].between(0, 1).all()
 
     # integrated.h5ad: every cell embedded, unit rows, split recorded, baselines alongside
     ad = anndata.read_h5ad(out / "integrated.h5ad")

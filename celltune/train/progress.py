@@ -51,7 +51,7 @@ def fmt(values: Mapping[str, Any]) -> str:
 
 
 #: the terms an epoch line shows (in this order, when present); history.csv has them all
-EPOCH_LINE_KEYS = ("train/loss", "val/loss", "lr", "time_s")
+EPOCH_LINE_KEYS = ("train/loss", "val/loss", "val/pr", "val/mixing", "val/preserve", "lr", "time_s")
 #: an epoch line longer than this drops its last terms
 EPOCH_LINE_MAX = 150
 

@@ -106,6 +106,7 @@ class ModelSection:
     attn_dropout: float = 0.0
     input_emb_style: str = "continuous"
     cell_emb_style: str = "cls"
+    mvc_decoder_style: str = "inner product"
     pre_norm: bool = False
     explicit_zero_prob: bool = True
     use_batch_labels: bool = True
@@ -134,9 +135,11 @@ class ObjectiveSection:
 
 @dataclass
 class EvalSection:
-    """Evaluation after training (used by the ``integrate`` command, not by training)."""
+    """Evaluation after training (used by the ``integrate`` command), and the per-epoch
+    embedding health checks on at most ``health_cells`` validation cells (0: off)."""
 
     eval_cells: int | None = None
+    health_cells: int = 1000
     baselines: list[str] = field(default_factory=lambda: list(KNOWN_BASELINES))
     clustering: str = "leiden"
     scvi_max_epochs: int | None = None

@@ -58,7 +58,7 @@ def _build_model(
         input_emb_style=m.input_emb_style,
         n_input_bins=cfg.data.n_bins,
         cell_emb_style=m.cell_emb_style,
-        mvc_decoder_style="inner product",
+        mvc_decoder_style=m.mvc_decoder_style,
         pre_norm=m.pre_norm,
         **batch_parts,
     )

@@ -16,6 +16,7 @@ import numpy as np
 from celltune.errors import InputError
 from celltune.tasks.config import config_from_dict
 from celltune.tasks.integration.config import IntegrationConfig
+from celltune.tasks.integration.health import HealthSample
 from celltune.tasks.integration.model import _build_model, _forward, _objective
 
 if TYPE_CHECKING:
@@ -104,12 +105,18 @@ def collators(cfg: IntegrationConfig, vocab: Any, gene_ids: np.ndarray) -> tuple
         "mask_cls": t.mask_cls,
         "seed": cfg.train.seed,
     }
-    dense = cfg.objective.gepc_genes == "all" and cfg.objective.gepc_weight > 0
+    dense = gepc_all_genes(cfg)
     train_coll = TokenCollator(mask_ratio=t.mask_ratio, dense_targets=dense, **kwargs)
-    # The validation masks stay fixed (epoch 0) so val/mse is comparable across epochs.
-    val_coll = TokenCollator(mask_ratio=t.mask_ratio, dense_targets=dense, **kwargs)
+    # The validation masks stay fixed (epoch 0) so val/mse is comparable across epochs; its
+    # dense values (every gene, zeros included) also feed the embedding health checks.
+    val_coll = TokenCollator(mask_ratio=t.mask_ratio, dense_targets=True, **kwargs)
     embed_coll = TokenCollator(mask_ratio=0.0, **kwargs)
     return train_coll, val_coll, embed_coll
+
+
+def gepc_all_genes(cfg: IntegrationConfig) -> bool:
+    """Whether GEPC predicts every gene (the collators then add the dense values)."""
+    return cfg.objective.gepc_genes == "all" and cfg.objective.gepc_weight > 0
 
 
 def task_record(cfg: IntegrationConfig, batch_cats: list[str], pp_cfg: Any) -> dict[str, Any]:
@@ -128,6 +135,44 @@ def task_record(cfg: IntegrationConfig, batch_cats: list[str], pp_cfg: Any) -> d
     }
 
 
+def _validation_fn(
+    cfg: IntegrationConfig, objective: Any, val_loader: Iterable[Any], has_batches: bool
+) -> Any:
+    """The Trainer's ``eval_fn``: every objective term on the validation cells, plus the
+    embedding health of a fixed sample of them (``val/pr``, ``val/mixing``, ``val/preserve``)."""
+
+    from celltune.losses import masked_mse
+
+    mask_value = cfg.tokens.mask_value
+    health = HealthSample(max_cells=cfg.eval.health_cells)
+
+    def eval_fn(net: nn.Module, ctx: Any) -> dict[str, float]:
+        sums: dict[str, float] = {}
+        n_total = 0
+        for batch in val_loader:
+            batch = {k: v.to(ctx.device) for k, v in batch.items()}
+            dense = {k: batch.pop(k) for k in ("all_values", "all_gene_ids")}
+            if gepc_all_genes(cfg):
+                batch.update(dense)
+            with ctx.autocast():
+                outputs = _forward(net, net, batch, cfg)
+                mask = batch["values"].eq(mask_value) & ~batch["padding_mask"]
+                loss, terms = objective(outputs, batch, mask)
+                if "mse" not in terms:  # model selection uses it even when its weight is 0
+                    terms["mse"] = masked_mse(outputs["mlm_output"], batch["target_values"], mask)
+            health.add(outputs["cell_emb"], batch, dense["all_values"])
+            n = int(batch["gene_ids"].shape[0])
+            n_total += n
+            sums["loss"] = sums.get("loss", 0.0) + float(loss) * n
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * n
+        scores = {f"val/{k}": v / max(n_total, 1) for k, v in sums.items()}
+        scores.update(health.scores(has_batches))
+        return scores
+
+    return eval_fn
+
+
 def train_integration_model(
     cfg: IntegrationConfig,
     vocab: Any,
@@ -144,7 +189,6 @@ def train_integration_model(
     streamed data: only the loaders differ)."""
     import torch
 
-    from celltune.losses import masked_mse
     from celltune.train import Trainer
     from celltune.train.schedule import budget_epochs
 
@@ -171,24 +215,7 @@ def train_integration_model(
         mask = batch["values"].eq(mask_value) & ~batch["padding_mask"]
         return objective(outputs, batch, mask)
 
-    def eval_fn(net: nn.Module, ctx: Any) -> dict[str, float]:
-        sums: dict[str, float] = {}
-        n_total = 0
-        for batch in val_loader:
-            batch = {k: v.to(ctx.device) for k, v in batch.items()}
-            with ctx.autocast():
-                outputs = _forward(net, net, batch, cfg)
-                mask = batch["values"].eq(mask_value) & ~batch["padding_mask"]
-                loss, terms = objective(outputs, batch, mask)
-                if "mse" not in terms:  # model selection uses it even when its weight is 0
-                    terms["mse"] = masked_mse(outputs["mlm_output"], batch["target_values"], mask)
-            n = int(batch["gene_ids"].shape[0])
-            n_total += n
-            sums["loss"] = sums.get("loss", 0.0) + float(loss) * n
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v) * n
-        return {f"val/{k}": v / max(n_total, 1) for k, v in sums.items()}
-
+    eval_fn = _validation_fn(cfg, objective, val_loader, n_batches > 1)
     trainer = Trainer(
         model, cfg.train, step_fn=step_fn, eval_fn=eval_fn, out_dir=out, fingerprint=fingerprint
     )
