@@ -24,6 +24,7 @@ from celltune.train.embedding_health import embedding_health, reference_health
 
 logger = logging.getLogger("celltune.tasks.integration")
 
+
 class HealthSample:
     """Collects one validation pass's sample; :meth:`scores` scores and resets it."""
 
