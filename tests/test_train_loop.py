@@ -413,3 +413,30 @@ def test_sigkilled_process_resumes_to_the_same_weights(expr, tmp_path: Path) -> 
     for k, v in ref["model"].items():
         assert torch.equal(got["model"][k], v), k
     assert [r["train/loss"] for r in got["history"]] == [r["train/loss"] for r in ref["history"]]
+
+
+def test_time_estimate_skips_the_warm_up_batches(expr, tmp_path: Path, caplog) -> None:
+    """The estimate is printed once, from ETA_BATCHES mini-batches after the first
+    ETA_SKIP: a slow first mini-batch (warm-up) must not inflate it."""
+    import logging
+    import time as _time
+
+    from celltune.train.progress import ETA_BATCHES, ETA_SKIP
+
+    train, _ = expr
+    calls = {"n": 0}
+
+    def slow_first(model: nn.Module, batch: Any, ctx: StepContext):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            _time.sleep(3.0)  # what a first step's allocation and loader start cost
+        return step_fn(model, batch, ctx)
+
+    assert len(train) // 16 >= ETA_SKIP + ETA_BATCHES
+    trainer = Trainer(autoencoder(), cfg(epochs=2), step_fn=slow_first, out_dir=tmp_path)
+    with caplog.at_level(logging.INFO, logger="celltune.train.loop"):
+        trainer.fit(loader(train, 16))
+    lines = [r.getMessage() for r in caplog.records if "estimated training time" in r.message]
+    assert len(lines) == 1
+    minutes = float(lines[0].split("estimated training time: ")[1].split(" min")[0])
+    assert minutes < 0.05  # 32 tiny steps; with the 3 s first step counted it would be ~0.3

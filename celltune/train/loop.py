@@ -34,7 +34,7 @@ from celltune.train import distributed as dist_utils
 from celltune.train.config import TrainConfig
 from celltune.train.context import EvalFn, History, NonFiniteLossError, StepContext, StepFn
 from celltune.train.loader import lookahead, make_loader, set_epoch, to_device
-from celltune.train.progress import ETA_BATCHES, epoch_line, fmt, log_eta, term_values
+from celltune.train.progress import ETA_BATCHES, ETA_SKIP, epoch_line, fmt, log_eta, term_values
 from celltune.train.schedule import epoch_scheduler, run_steps, set_step_lr
 from celltune.train.state import (
     CHECKPOINT_FORMAT,
@@ -285,7 +285,7 @@ class Trainer:
             leave=False,
             dynamic_ncols=True,
         )
-        t_epoch = time.perf_counter()
+        t_eta = time.perf_counter()
         try:
             for index, batch, is_last in lookahead(loader, cap):
                 sync = pending + 1 == accum or is_last
@@ -323,9 +323,12 @@ class Trainer:
                     sums[key] = sums.get(key, 0.0) + value
                     counts[key] = counts.get(key, 0) + 1
                 bar.update(1)
-                if index + 1 == ETA_BATCHES and total and self.is_main and not self._eta_done:
-                    self._eta_done = True
-                    log_eta(time.perf_counter() - t_epoch, index + 1, total, cfg.epochs - epoch)
+                if index + 1 == ETA_SKIP:
+                    t_eta = time.perf_counter()
+                if index + 1 == ETA_SKIP + ETA_BATCHES and total and self.is_main:
+                    if not self._eta_done:
+                        self._eta_done = True
+                        log_eta(time.perf_counter() - t_eta, ETA_BATCHES, total, cfg.epochs - epoch)
                 if not bar.disable:
                     bar.set_postfix({k: f"{sums[k] / counts[k]:.4g}" for k in sums}, refresh=False)
                 if (index + 1) % cfg.log_every == 0 and not is_last:

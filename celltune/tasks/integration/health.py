@@ -55,9 +55,12 @@ class HealthSample:
             return {}
         emb = np.concatenate(self._emb)
         batches = np.concatenate(self._batches) if has_batches else None
-        expr = np.concatenate(self._expr)
+        # files of other gene sets (pretraining on several files) have other widths:
+        # neighbourhoods are then not compared with an expression PCA
+        widths = {e.shape[1] for e in self._expr}
+        expr = np.concatenate(self._expr) if len(widths) == 1 else None
         self._reset()
-        if not self._reference_logged:
+        if not self._reference_logged and expr is not None:
             ref = reference_health(batches, expr)
             logger.info(
                 "embedding health on %d validation cells, scored each epoch; the expression "
