@@ -325,10 +325,10 @@ class Trainer:
                 bar.update(1)
                 if index + 1 == ETA_SKIP:
                     t_eta = time.perf_counter()
-                if index + 1 == ETA_SKIP + ETA_BATCHES and total and self.is_main:
-                    if not self._eta_done:
-                        self._eta_done = True
-                        log_eta(time.perf_counter() - t_eta, ETA_BATCHES, total, cfg.epochs - epoch)
+                eta_now = index + 1 == ETA_SKIP + ETA_BATCHES and total and self.is_main
+                if eta_now and not self._eta_done:
+                    self._eta_done = True
+                    log_eta(time.perf_counter() - t_eta, ETA_BATCHES, total, cfg.epochs - epoch)
                 if not bar.disable:
                     bar.set_postfix({k: f"{sums[k] / counts[k]:.4g}" for k in sums}, refresh=False)
                 if (index + 1) % cfg.log_every == 0 and not is_last:
