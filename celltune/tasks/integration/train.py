@@ -27,14 +27,19 @@ from celltune.tasks.integration.recipe import apply_recipe
 logger = logging.getLogger("celltune.tasks.integration")
 
 
+def private_config(config: Any, schema: type) -> Any:
+    """A private copy of ``config`` as ``schema`` (the caller's object is never changed):
+    defaults for None, a deep copy of an instance, a parsed mapping otherwise."""
+    if config is None:
+        return schema()
+    if isinstance(config, schema):
+        return copy.deepcopy(config)
+    return config_from_dict(schema, config)
+
+
 def resolve_config(config: IntegrationConfig | Mapping[str, Any] | None) -> IntegrationConfig:
     """A validated private copy of ``config`` (the caller's object is never changed)."""
-    if config is None:
-        cfg = IntegrationConfig()
-    elif isinstance(config, IntegrationConfig):
-        cfg = copy.deepcopy(config)
-    else:
-        cfg = config_from_dict(IntegrationConfig, config)
+    cfg = private_config(config, IntegrationConfig)
     apply_recipe(cfg)
     cfg.validate()
     return cfg

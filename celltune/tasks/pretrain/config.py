@@ -9,11 +9,8 @@ genes as tokens) plus a ``pretrain`` section (vocabulary, ``--init`` model, gene
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 from celltune.errors import InputError
-from celltune.tasks.config import load_config
 from celltune.tasks.integration.config import (
     DataSection,
     IntegrationConfig,
@@ -71,13 +68,6 @@ class PretrainConfig(IntegrationConfig):
     objective: ObjectiveSection = field(default_factory=_objective)
     train: TrainConfig = field(default_factory=_train)
     pretrain: PretrainSection = field(default_factory=PretrainSection)
-
-    @classmethod
-    def load(
-        cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None
-    ) -> PretrainConfig:
-        """``defaults < YAML < overrides`` (see :func:`celltune.tasks.config.load_config`)."""
-        return load_config(path, overrides, schema=cls)
 
     def validate(self) -> None:
         """Integration's checks minus the batch column, plus: no label-needing term."""

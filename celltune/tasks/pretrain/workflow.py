@@ -12,7 +12,6 @@ its objective, :class:`celltune.train.Trainer` and the model-directory writer.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import os
@@ -22,9 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from celltune.tasks.config import config_from_dict, dump_config
+from celltune.tasks.config import dump_config
 from celltune.tasks.integration.rundir import _write_model_dir, open_run_dir
-from celltune.tasks.integration.train import load_pretrained, train_integration_model
+from celltune.tasks.integration.train import (
+    load_pretrained,
+    private_config,
+    train_integration_model,
+)
 from celltune.tasks.pretrain.config import PretrainConfig
 from celltune.tasks.pretrain.genes import build_vocab
 from celltune.tasks.pretrain.inputs import (
@@ -55,13 +58,9 @@ class PretrainResult:
 
 
 def resolve_pretrain_config(config: PretrainConfig | Mapping[str, Any] | None) -> PretrainConfig:
-    """A validated private copy of ``config`` (the caller's object is never changed)."""
-    if config is None:
-        cfg = PretrainConfig()
-    elif isinstance(config, PretrainConfig):
-        cfg = copy.deepcopy(config)
-    else:
-        cfg = config_from_dict(PretrainConfig, config)
+    """A validated private copy of ``config`` (no from-scratch recipe: pretraining keeps
+    its own defaults)."""
+    cfg = private_config(config, PretrainConfig)
     cfg.validate()
     return cfg
 
