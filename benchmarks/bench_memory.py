@@ -143,7 +143,7 @@ def replicated_file(src: Path, factor: int, cache: Path) -> tuple[Path, float]:
     if path.is_file():
         return path, 0.0
     t0 = time.perf_counter()
-    replicate_h5ad(src, path, factor)
+    replicate_h5ad(src, path, factor, compression=None)
     return path, time.perf_counter() - t0
 
 

@@ -74,7 +74,7 @@ def make_files(src: Path, factor: int, work: Path) -> dict[int, Path]:
 
     files = {}
     for f in sorted({1, factor}):
-        files[f] = replicate_h5ad(src, work / f"x{f}.h5ad", f)
+        files[f] = replicate_h5ad(src, work / f"x{f}.h5ad", f, compression=None)
     return files
 
 

@@ -69,8 +69,14 @@ def main() -> None:
                      "299"])  # fmt: skip
         print("prepare (in memory, once):", m, flush=True)
         factors = sorted({1, args.factor})
-        raw = {f: replicate_h5ad(PAPALEXI, work / f"raw_x{f}.h5ad", f) for f in factors}
-        prep = {f: replicate_h5ad(prepared, work / f"prep_x{f}.h5ad", f, uns=True) for f in factors}
+        raw = {
+            f: replicate_h5ad(PAPALEXI, work / f"raw_x{f}.h5ad", f, compression=None)
+            for f in factors
+        }
+        prep = {
+            f: replicate_h5ad(prepared, work / f"prep_x{f}.h5ad", f, uns=True, compression=None)
+            for f in factors
+        }
         modes = [True] if args.no_memory else [True, False]
         for stream in modes:
             flag = ["--stream"] if stream else []

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import anndata as ad
+import h5py
 import numpy as np
 import pandas as pd
 import pytest
@@ -101,6 +102,8 @@ def test_streamed_training_gives_the_same_model(prepared: Path, tmp_path: Path) 
     cb = ad.read_h5ad(tmp_path / "st" / "controls.h5ad")
     assert (ca.obs_names == cb.obs_names).all()
     np.testing.assert_array_equal(ca.X.toarray(), cb.X.toarray())
+    with h5py.File(tmp_path / "mem" / "controls.h5ad") as f:  # written compressed
+        assert f["X/data"].compression == "gzip"
     pa = predict_perturbations(tmp_path / "mem", ["HSPA5", "HSPA5+SEC61A1"], n_ctrl=30)
     pb = predict_perturbations(tmp_path / "st", ["HSPA5", "HSPA5+SEC61A1"], n_ctrl=30)
     pd.testing.assert_frame_equal(pa.mean, pb.mean, check_exact=True)

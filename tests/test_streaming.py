@@ -256,7 +256,10 @@ def test_memory_does_not_grow_with_the_file(kang_donors_path: Path, tmp_path: Pa
 
 
 def test_replicate_h5ad_writes_the_same_cells(kang, kang_file: Path, tmp_path: Path) -> None:
-    rep = anndata.read_h5ad(replicate_h5ad(kang_file, tmp_path / "rep.h5ad", 3, chunk_rows=500))
+    path = replicate_h5ad(kang_file, tmp_path / "rep.h5ad", 3, chunk_rows=500)
+    with h5py.File(path) as f:
+        assert f["X/data"].compression == "gzip" and f["X/indices"].compression == "gzip"
+    rep = anndata.read_h5ad(path)
     assert rep.n_obs == 3 * kang.n_obs and rep.obs_names.is_unique
     assert (sp.vstack([sp.csr_matrix(kang.X)] * 3) != rep.X).nnz == 0
     np.testing.assert_array_equal(

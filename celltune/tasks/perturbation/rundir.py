@@ -48,7 +48,7 @@ def write_controls(adata: AnnData, pdata: PerturbationData, rows: np.ndarray, pa
     var = pd.DataFrame({"gene_name": genes}, index=pd.Index(genes))
     sub = ad.AnnData(X=pdata.X[rows][:, :nm].copy(), obs=obs, var=var)
     with atomic_path(path) as tmp:
-        sub.write_h5ad(tmp)
+        sub.write_h5ad(tmp, compression="gzip")  # like every h5ad celltune writes
 
 
 @dataclass
