@@ -116,6 +116,18 @@ def harmony_embedding(
     return emb
 
 
+#: scvi-tools' and lightning's loggers (lightning.fabric sets its own level, so the
+#: parent's is not enough).
+_QUIET_LOGGERS = (
+    "scvi",
+    "lightning",
+    "lightning.fabric",
+    "lightning.pytorch",
+    "lightning_fabric",
+    "pytorch_lightning",
+)
+
+
 def scvi_embedding(
     adata: Any,
     batch_key: str,
@@ -177,9 +189,11 @@ def scvi_embedding(
     work = ad.AnnData(X=X, obs={"batch": batches})
     work.obs_names = adata.obs_names
     t0 = time.perf_counter()
-    scvi.settings.seed = seed
-    for name in ("scvi", "lightning", "lightning.pytorch", "pytorch_lightning"):
+    # before the seed: its setter logs "Seed set to 0" through lightning.fabric's own INFO
+    # handler and again through the root logger
+    for name in _QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    scvi.settings.seed = seed
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         scvi.model.SCVI.setup_anndata(work, batch_key="batch")
