@@ -130,9 +130,13 @@ def test_integrate_lora_cli_saves_plain_scgpt_dir_with_same_embeddings(
     assert torch.equal(sd["encoder.embedding.weight"], base["encoder.embedding.weight"])
     # integrated.h5ad was embedded by the unmerged (adapter) model; the merged one agrees
     adata = ad.read_h5ad(out / "integrated.h5ad")
-    # the run's genes: embed alone would take every gene of the pretrained vocabulary
-    hvg = adata[:, adata.var["celltune_hvg"].to_numpy()].copy()
-    again = embed(hvg, mdir, batch_key="batch", batch_size=50, quiet=True)
+    # every input gene: embed keeps the run's HVGs (celltune_task.json), not every gene of
+    # the pretrained vocabulary that the file holds
+    task = json.loads((mdir / "celltune_task.json").read_text())
+    assert task["genes"] == list(adata.var_names[adata.var["celltune_hvg"].to_numpy()])
+    assert adata.n_vars > len(task["genes"])
+    again = embed(adata, mdir, batch_key="batch", batch_size=50, quiet=True)
+    assert again.uns["celltune"]["embed"]["n_genes_matched"] == len(task["genes"])
     np.testing.assert_allclose(again.obsm[EMBEDDING_KEY], adata.obsm[EMBEDDING_KEY], atol=1e-4)
     cfg = load_config(out / "config.yaml", schema=IntegrationConfig)
     assert cfg.finetune.lora_targets == ["in_proj", "linear1"] and cfg.finetune.lora_rank == 4

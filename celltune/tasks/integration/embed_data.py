@@ -10,6 +10,7 @@ cell gets the same embedding either way (tested).
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
     from torch import nn
 
     from celltune.data.source import CellSource
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -72,6 +75,12 @@ def _setup(
     genes = source.var_names() if gene_column is None else source.var_column(gene_column)
     match = vocab.match_genes([str(g) for g in genes])  # logs the count
     matched = np.asarray(match.matched, dtype=bool)
+    run_genes = task.get("genes")
+    if run_genes:  # the run's HVGs: a pretrained vocabulary holds many more of the file's genes
+        matched &= np.isin(np.asarray(genes, dtype=str), np.asarray(run_genes, dtype=str))
+        logger.info(
+            "%d of the run's %d genes found in the data", int(matched.sum()), len(run_genes)
+        )
     present = None
     if batch_key is not None:
         col = source.obs_column(batch_key, "batch-aware embedding (--batch-key)")
@@ -81,7 +90,7 @@ def _setup(
         task=task,
         matched=matched,
         gene_ids=np.asarray(match.ids, dtype=np.int64)[matched],
-        n_matched=int(match.n_matched),
+        n_matched=int(matched.sum()),
         batch_cats=embedding_batch_categories(present, task, mc, model_dir),
         n_bins=int(task.get("n_bins", getattr(mc, "n_input_bins", 51) or 51)),
         seed=int(task.get("seed", 0) if seed is None else seed),

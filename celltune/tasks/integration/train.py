@@ -124,8 +124,11 @@ def gepc_all_genes(cfg: IntegrationConfig) -> bool:
     return cfg.objective.gepc_genes == "all" and cfg.objective.gepc_weight > 0
 
 
-def task_record(cfg: IntegrationConfig, batch_cats: list[str], pp_cfg: Any) -> dict[str, Any]:
-    """What ``celltune_task.json`` keeps so that ``embed`` reproduces this run's tokens."""
+def task_record(
+    cfg: IntegrationConfig, batch_cats: list[str], pp_cfg: Any, genes: list[str]
+) -> dict[str, Any]:
+    """What ``celltune_task.json`` keeps so that ``embed`` reproduces this run's tokens:
+    ``genes`` (the run's HVGs) too, since a pretrained vocabulary holds many more."""
     d = cfg.data
     return {
         "task": "integration",
@@ -137,6 +140,7 @@ def task_record(cfg: IntegrationConfig, batch_cats: list[str], pp_cfg: Any) -> d
         "seed": cfg.train.seed,
         "tokens": dataclasses.asdict(cfg.tokens),
         "preprocess": dict(dataclasses.asdict(pp_cfg).items()),
+        "genes": [str(g) for g in genes],
     }
 
 

@@ -129,7 +129,7 @@ def integrate(
         resume,
         fingerprint=fingerprint,
     )
-    task_info = task_record(cfg, batch_cats, genes.pp_cfg)
+    task_info = task_record(cfg, batch_cats, genes.pp_cfg, genes.names)
     if inputs.streamed:
         task_info["stream"] = True
     result = IntegrationResult(
