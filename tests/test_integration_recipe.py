@@ -48,3 +48,22 @@ def dataclass_replace(spec_model, model):
 def test_unknown_recipe_is_refused() -> None:
     with pytest.raises(InputError, match=r"model\.recipe"):
         resolve_config(_cfg(**{"model.recipe": "fast"}))
+
+
+def test_a_value_set_to_scgpt_default_is_kept(tmp_path) -> None:
+    """--set, a flag or the YAML naming scGPT's own default still wins over the recipe."""
+    spec = IntegrationConfig()
+    by_set = resolve_config(apply_overrides(_cfg(), [f"model.d_model={spec.model.d_model}"]))
+    assert by_set.model.d_model == spec.model.d_model != SCRATCH["model.d_model"]
+    assert by_set.model.nlayers == SCRATCH["model.nlayers"]  # the rest of the recipe applies
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text(f"model:\n  dropout: {spec.model.dropout}\ndata:\n  batch_key: batch\n")
+    by_yaml = resolve_config(IntegrationConfig.load(yaml_file))
+    assert by_yaml.model.dropout == spec.model.dropout != SCRATCH["model.dropout"]
+    assert by_yaml.model.d_model == SCRATCH["model.d_model"]
+    by_flag = resolve_config(_cfg(**{"train.lr": spec.train.lr}))
+    assert by_flag.train.lr == spec.train.lr != SCRATCH["train.lr"]
+    # a deep copy (what resolve_config makes) remembers what was set
+    import copy
+
+    assert copy.deepcopy(by_set).model.d_model == spec.model.d_model

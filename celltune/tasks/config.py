@@ -17,7 +17,7 @@ import difflib
 import os
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar, Union
 
@@ -266,6 +266,30 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+_EXPLICIT = "_explicit_keys"
+
+
+def explicit_keys(cfg: Any) -> frozenset[str]:
+    """Dotted keys the user set (YAML file, ``--set``, flags), even to a default's value:
+    a recipe (:mod:`celltune.tasks.integration.recipe`) leaves them alone."""
+    return frozenset(getattr(cfg, _EXPLICIT, frozenset()))
+
+
+def _mark_explicit(cfg: T, keys: Iterable[str]) -> T:
+    object.__setattr__(cfg, _EXPLICIT, explicit_keys(cfg) | frozenset(keys))
+    return cfg
+
+
+def _flat_keys(data: Mapping[str, Any], prefix: str = "") -> set[str]:
+    out: set[str] = set()
+    for k, v in data.items():
+        if isinstance(v, Mapping) and v:
+            out |= _flat_keys(v, f"{prefix}{k}.")
+        else:
+            out.add(f"{prefix}{k}")
+    return out
+
+
 def apply_overrides(cfg: T, overrides: Mapping[str, Any] | Sequence[str] | None) -> T:
     """Return a copy of ``cfg`` with dotted-key overrides applied and type-checked.
 
@@ -302,7 +326,12 @@ def apply_overrides(cfg: T, overrides: Mapping[str, Any] | Sequence[str] | None)
                 node[part] = value
             else:
                 node = node[part]
-    return config_from_dict(type(cfg), tree)
+    keys = {
+        k2
+        for key, value in items
+        for k2 in (_flat_keys(value, f"{key}.") if isinstance(value, Mapping) else {key})
+    }
+    return _mark_explicit(config_from_dict(type(cfg), tree), explicit_keys(cfg) | keys)
 
 
 def load_config(
@@ -341,7 +370,7 @@ def load_config(
     except InputError as err:
         where = f" in {path}" if path is not None else ""
         raise InputError(f"{err}{where}") from None
-    return apply_overrides(cfg, overrides)
+    return apply_overrides(_mark_explicit(cfg, _flat_keys(data)), overrides)
 
 
 def config_to_yaml(cfg: Any, header: str | None = None) -> str:

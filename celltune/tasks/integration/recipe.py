@@ -10,9 +10,10 @@ run for hours and give an embedding worse than unintegrated PCA (issue 16's meas
   gene, warm-up + cosine lr and a budget in optimizer steps;
 - ``scgpt``: the defaults as they are (scGPT's settings).
 
-A recipe only replaces values still equal to the scGPT default, so anything set in the
-YAML, with ``--set`` or a flag wins — except a value set to exactly scGPT's default, which
-needs ``model.recipe=scgpt`` to be kept (the log lists every value a recipe changed).
+A recipe only replaces values the user did not set: anything in the YAML, a ``--set`` or a
+flag wins, even when it equals scGPT's default (``--set model.d_model=128`` keeps 128). A
+config built in Python counts values that differ from the defaults as set. The log lists
+every value a recipe changed.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import logging
 from typing import Any
 
 from celltune.errors import InputError
+from celltune.tasks.config import explicit_keys
 
 logger = logging.getLogger("celltune.tasks.integration")
 
@@ -75,10 +77,11 @@ def apply_recipe(cfg: Any) -> dict[str, tuple[Any, Any]]:
     if recipe != "scratch":
         return {}
     defaults = type(cfg)()
+    chosen = explicit_keys(cfg)
     changed: dict[str, tuple[Any, Any]] = {}
     for key, value in SCRATCH.items():
         now = _get(cfg, key)
-        if now == _get(defaults, key) and now != value:
+        if key not in chosen and now == _get(defaults, key) and now != value:
             _set(cfg, key, value)
             changed[key] = (now, value)
     if changed:
