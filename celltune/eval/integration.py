@@ -274,10 +274,11 @@ def scib_metrics_table(
         row["n_labelled"] = float(known.sum())
         row["seconds"] = time.perf_counter() - t0
         logger.info(
-            "%s: avg_bio %.3f avg_batch %.3f (%.1fs)",
+            "%s: scib_bio %.3f scib_batch %.3f scib_total %.3f (%.1fs)",
             method,
-            row["avg_bio"],
-            row["avg_batch"],
+            row["scib_bio"],
+            row["scib_batch"],
+            row["scib_total"],
             row["seconds"],
         )
         rows[method] = row

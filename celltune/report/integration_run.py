@@ -251,7 +251,7 @@ def _report_sections(summary: list[str], table: Any, images: list[Path], hist: A
     if table is not None:
         extra = [c for c in ("seconds", "n_cells", "n_labelled") if c in table.columns]
         shown = table.drop(columns=extra).rename_axis("method")
-        lead = [c for c in ("scib_total", "avg_bio", "avg_batch") if c in shown.columns]
+        lead = [c for c in ("scib_total", "scib_bio", "scib_batch") if c in shown.columns]
         shown = shown[lead + [c for c in shown.columns if c not in lead]]  # headline first
         text = [f"Computed on {int(table['n_cells'].iloc[0]):,} cells."] if extra else []
         sections.append(Section("scIB metrics", text=text, tables=[shown]))
