@@ -10,6 +10,13 @@ Configurations (SPEC §4 / §6):
   ``finetune_integration.py`` objective), vocabulary of 1,200 HVGs + 3 specials.
 - ``perturbation``: generator (perturbation flags, affine decoder), d=128, 4 layers,
   4 heads, 1,536 tokens, dropout 0 (the tutorial's), vocabulary 5,063.
+- ``whole_human``: the published whole-human model's shape (d=512, 12 layers, 8 heads,
+  d_hid=512, a vocabulary of 48,292 genes + 3 specials, 1,201 tokens, dropout 0.2) with
+  the integration objective. celltune trains it three ways (``--finetune`` full, LoRA
+  rank 8 on ``in_proj,out_proj,linear1,linear2``, freeze: embeddings + the first 6 layers
+  frozen); the reference trains every weight (scGPT has no other mode). All at
+  ``--ref-batch-size`` on identical inputs; rows also carry the ratio to celltune's full
+  fine-tuning (``speedup_vs_full``, ``mem_ratio_vs_full``).
 
 The scGPT reference (``pip install --no-deps scgpt==0.2.4``) cannot be imported as a
 package here (torchtext, flash-attn, IPython ...): only ``scgpt.model.model`` /
@@ -19,6 +26,8 @@ the ``scgpt`` folder) when it is not on ``sys.path``.
 
     python benchmarks/bench_model.py --batch-size 64 --steps 3 \
         --ref-batch-size 8 --ref-steps 1 --out benchmarks/results/bench_model.json
+    python benchmarks/bench_model.py --configs whole_human --ref-batch-size 8 --steps 1 \
+        --ref-steps 1 --out benchmarks/results/bench_model_whole_human.json
 """
 
 from __future__ import annotations
@@ -62,7 +71,21 @@ CONFIGS: dict[str, dict[str, Any]] = {
         dropout=0.0,
         generator=True,
     ),
+    "whole_human": dict(
+        ntoken=48295,
+        seq_len=1201,
+        d_model=512,
+        nhead=8,
+        d_hid=512,
+        nlayers=12,
+        dropout=0.2,
+        generator=False,
+    ),
 }
+
+#: celltune's fine-tuning modes measured on ``whole_human`` (the reference trains all).
+FINETUNE_MODES = ("full", "lora", "freeze")
+FREEZE_LAYERS = 6
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -232,6 +255,10 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     cfg = CONFIGS[args.config]
     ours = build_celltune(cfg, args.attn_dropout, bool(args.grad_checkpoint))
     model = build_reference(cfg, args.ref_path, ours) if args.impl == "scgpt" else ours
+    if args.impl == "celltune" and args.finetune != "full":
+        from celltune.model.finetune import FinetuneSpec, apply_finetune
+
+        apply_finetune(model, FinetuneSpec(mode=args.finetune, freeze_layers=FREEZE_LAYERS))
     full = make_inputs(cfg, args.batch_size)
     warm = {k: v[:2] for k, v in full.items()}  # warm-up on 2 cells: cheap, same code paths
     x = full
@@ -258,7 +285,8 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         model.train()
         # Each side uses the optimizer it trains with: celltune's loop uses fused Adam,
         # scGPT's scripts the default (per-parameter) Adam.
-        opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=args.impl != "scgpt")
+        trainable = [q for q in model.parameters() if q.requires_grad]
+        opt = torch.optim.Adam(trainable, lr=1e-4, fused=args.impl != "scgpt")
         for i in range(args.steps + 1):  # step 0 is a warm-up on 2 cells
             x = warm if i == 0 else full
             batch = {"target_values": x["target"], "batch_labels": x.get("batch_labels")}
@@ -267,7 +295,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
             loss, _ = objective(out, batch, x.get("mask"))
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             opt.step()
             times.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
@@ -290,6 +318,8 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         batch_size=args.batch_size,
         attn_dropout=args.attn_dropout,
         grad_checkpoint=bool(args.grad_checkpoint),
+        finetune=args.finetune if args.impl == "celltune" else "full",
+        trainable_params=sum(q.numel() for q in model.parameters() if q.requires_grad),
         steps=args.steps,
         sec_per_step=step,
         cells_per_s=args.batch_size / step,
@@ -341,6 +371,7 @@ def main() -> None:
     p.add_argument("--mode", default="train", help=argparse.SUPPRESS)
     p.add_argument("--attn-dropout", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("--grad-checkpoint", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--finetune", default="full", choices=FINETUNE_MODES, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         print(json.dumps(run_worker(args)))
@@ -361,6 +392,23 @@ def main() -> None:
         plan: list[dict[str, Any]] = []
         big = dict(impl="celltune", config=name, batch_size=args.batch_size, steps=args.steps)
         small = dict(config=name, batch_size=args.ref_batch_size)
+        if name == "whole_human":  # one batch size, so every ratio is like for like
+            for mode in FINETUNE_MODES:
+                plan.append(dict(small, impl="celltune", mode="train", steps=args.steps,
+                                 attn_dropout=0.0, finetune=mode))  # fmt: skip
+            plan.append(dict(small, impl="celltune", mode="infer", steps=args.steps))
+            if ref_ok:
+                for mode in ("train", "infer"):
+                    plan.append(
+                        dict(
+                            small, impl="scgpt", mode=mode, steps=args.ref_steps, attn_dropout=drop
+                        )
+                    )
+            for job in plan:
+                res = spawn(args, **job)
+                rows.append(res)
+                print(json.dumps(res), file=sys.stderr, flush=True)
+            continue
         plan.append(dict(big, mode="train", attn_dropout=0.0))
         if name == "integration":
             plan.append(dict(big, mode="train", attn_dropout=0.0, grad_checkpoint=1))
@@ -403,11 +451,29 @@ def main() -> None:
             r["speedup_vs_scgpt"] = r["cells_per_s"] / ref["cells_per_s"]
             r["cpu_speedup_vs_scgpt"] = r["cells_per_cpu_s"] / ref["cells_per_cpu_s"]
             r["mem_ratio_vs_scgpt"] = r["peak_rss_gib"] / ref["peak_rss_gib"]
+        full = next(
+            (
+                q
+                for q in rows
+                if q.get("impl") == "celltune"
+                and "error" not in q
+                and q.get("finetune") == "full"
+                and q["config"] == r["config"]
+                and q["mode"] == "train"
+                and q["batch_size"] == r["batch_size"]
+                and not q.get("grad_checkpoint")
+                and q.get("attn_dropout", 0.0) == 0.0
+            ),
+            None,
+        )
+        if full is not None and r["mode"] == "train" and r.get("finetune") != "full":
+            r["speedup_vs_full"] = r["cells_per_s"] / full["cells_per_s"]
+            r["mem_ratio_vs_full"] = r["peak_rss_gib"] / full["peak_rss_gib"]
 
     header = (
-        f"{'impl':9} {'config':13} {'mode':5} {'batch':>5} {'attn_drop':>9} {'ckpt':>4} "
-        f"{'cells/s':>8} {'cells/cpu-s':>11} {'peak GiB':>9} {'speedup':>8} "
-        f"{'mem ratio':>9}"
+        f"{'impl':9} {'config':13} {'mode':5} {'tune':6} {'batch':>5} {'attn_drop':>9} "
+        f"{'ckpt':>4} {'cells/s':>8} {'cells/cpu-s':>11} {'peak GiB':>9} {'speedup':>8} "
+        f"{'mem ratio':>9} {'vs full':>8} {'mem/full':>8}"
     )
     print(header)
     print("-" * len(header))
@@ -420,11 +486,15 @@ def main() -> None:
             continue
         sp = f"{r['speedup_vs_scgpt']:.1f}x" if "speedup_vs_scgpt" in r else "-"
         mr = f"{r['mem_ratio_vs_scgpt']:.2f}" if "mem_ratio_vs_scgpt" in r else "-"
+        sf = f"{r['speedup_vs_full']:.2f}x" if "speedup_vs_full" in r else "-"
+        mf = f"{r['mem_ratio_vs_full']:.2f}" if "mem_ratio_vs_full" in r else "-"
         ck = "yes" if r.get("grad_checkpoint") else "no"
+        tune = r.get("finetune", "full") if r["mode"] == "train" else "-"
         print(
-            f"{r['impl']:9} {r['config']:13} {r['mode']:5} {r['batch_size']:>5} "
-            f"{r['attn_dropout']:>9.1f} {ck:>4} {r['cells_per_s']:>8.2f} "
-            f"{r['cells_per_cpu_s']:>11.2f} {r['peak_rss_gib']:>9.2f} {sp:>8} {mr:>9}"
+            f"{r['impl']:9} {r['config']:13} {r['mode']:5} {tune:6} {r['batch_size']:>5} "
+            f"{r.get('attn_dropout', 0.0):>9.1f} {ck:>4} {r['cells_per_s']:>8.2f} "
+            f"{r['cells_per_cpu_s']:>11.2f} {r['peak_rss_gib']:>9.2f} {sp:>8} {mr:>9} "
+            f"{sf:>8} {mf:>8}"
         )
     if ref_msg:
         print(ref_msg)
