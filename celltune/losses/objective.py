@@ -19,6 +19,7 @@ from celltune.losses.functional import (
     cross_entropy,
     ecs_loss,
     masked_mse,
+    spread_loss,
 )
 
 
@@ -35,6 +36,7 @@ class ObjectiveWeights:
     dab_weight: float = 1.0
     cls_weight: float = 0.0
     cce_weight: float = 0.0
+    spread_weight: float = 0.0  # not scGPT: see celltune.losses.functional.spread_loss
 
 
 class IntegrationObjective:
@@ -92,6 +94,8 @@ class IntegrationObjective:
             )
         if w.ecs_weight and w.ecs_threshold > 0 and "cell_emb" in outputs:
             add("loss_ecs", w.ecs_weight, ecs_loss(outputs["cell_emb"], w.ecs_threshold))
+        if w.spread_weight and "cell_emb" in outputs:
+            add("loss_spread", w.spread_weight, spread_loss(outputs["cell_emb"]))
         if w.dab_weight and "dab_output" in outputs:
             if "batch_labels" not in batch:
                 raise InputError("the DAB term needs batch['batch_labels']")

@@ -127,6 +127,9 @@ class ObjectiveSection:
     ecs_weight: float = 10.0
     ecs_threshold: float = 0.8
     dab_weight: float = 1.0
+    # not scGPT: VICReg-style variance + covariance of the cell embedding in a mini-batch
+    # (celltune.losses.functional.spread_loss), against the collapse onto one axis
+    spread_weight: float = 0.0
     # "input": GEPC predicts the input tokens' values (scGPT); "all": every HVG from the
     # cell embedding, zeros included, so the embedding must encode which genes are off
     # even when the tokens leave zeros out (tokens.include_zero_gene=false).
@@ -210,6 +213,7 @@ class IntegrationConfig:
             "gepc_weight",
             "gepc_zero_prob_weight",
             "ecs_weight",
+            "spread_weight",
             "dab_weight",
         ):
             if getattr(o, name) < 0:

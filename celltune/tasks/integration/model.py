@@ -77,6 +77,7 @@ def _objective(cfg: IntegrationConfig) -> Any:
         ecs_weight=o.ecs_weight,
         ecs_threshold=o.ecs_threshold,
         dab_weight=o.dab_weight if m.dab else 0.0,
+        spread_weight=o.spread_weight,
         cls_weight=0.0,
         cce_weight=0.0,
     )
