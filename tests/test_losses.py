@@ -19,6 +19,7 @@ from celltune.losses import (
     ecs_loss,
     masked_mse,
     masked_relative_error,
+    spread_loss,
 )
 from celltune.model.heads import AdversarialDiscriminator, grad_reverse
 
@@ -141,6 +142,33 @@ def test_integration_objective_weights_and_terms() -> None:
     weights = {"loss_ecs": 10.0, "loss_dab": 3.0, "loss_cls": 0.5, "loss_cce": 2.0}
     expected_total = sum(weights.get(k, 1.0) * v.item() for k, v in expected_terms.items())
     assert total.item() == pytest.approx(expected_total, rel=1e-6)
+
+
+def test_spread_loss_penalises_a_collapsed_embedding() -> None:
+    g = torch.Generator().manual_seed(0)
+    spread = torch.randn(256, 8, generator=g) * 2.0  # every dim varies, uncorrelated
+    axis = torch.randn(256, 1, generator=g) * 2.0
+    collapsed = axis @ torch.ones(1, 8) + 0.01 * torch.randn(256, 8, generator=g)  # one axis
+    assert spread_loss(spread).item() < 1.0 and spread_loss(collapsed).item() > 10.0
+    # direct: hinge on each dim's std + squared off-diagonal covariances / d
+    z = collapsed - collapsed.mean(0)
+    cov = z.t() @ z / 255
+    std = torch.sqrt(torch.diagonal(cov) + 1e-4)
+    off = (cov.pow(2).sum() - torch.diagonal(cov).pow(2).sum()) / 8
+    assert spread_loss(collapsed).item() == pytest.approx((F.relu(1 - std).mean() + off).item())
+    assert spread_loss(torch.randn(1, 8)).item() == 0.0  # one cell: no spread to measure
+    # off by default; with a weight it is one more term of the total
+    out = _outputs()
+    target = torch.ones(4, 5)
+    mask = torch.ones(4, 5, dtype=torch.bool)
+    assert "loss_spread" not in IntegrationObjective()(out, {"target_values": target}, mask)[1]
+    w = ObjectiveWeights(zero_prob=0, gepc=0, gepc_zero_prob=0, ecs_weight=0, dab_weight=0)
+    base, _ = IntegrationObjective(w)(out, {"target_values": target}, mask)
+    w.spread_weight = 3.0
+    total, terms = IntegrationObjective(w)(out, {"target_values": target}, mask)
+    assert set(terms) == {"loss_mse", "loss_spread"}
+    expected = base.item() + 3.0 * spread_loss(out["cell_emb"]).item()
+    assert total.item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_objective_switches_terms_off() -> None:

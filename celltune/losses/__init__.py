@@ -7,6 +7,7 @@ from celltune.losses.functional import (
     ecs_loss,
     masked_mse,
     masked_relative_error,
+    spread_loss,
 )
 from celltune.losses.objective import IntegrationObjective, ObjectiveWeights, PerturbationObjective
 
@@ -20,4 +21,5 @@ __all__ = [
     "ecs_loss",
     "masked_mse",
     "masked_relative_error",
+    "spread_loss",
 ]
