@@ -161,7 +161,8 @@ def test_spread_loss_penalises_a_collapsed_embedding() -> None:
     out = _outputs()
     target = torch.ones(4, 5)
     mask = torch.ones(4, 5, dtype=torch.bool)
-    assert "loss_spread" not in IntegrationObjective()(out, {"target_values": target}, mask)[1]
+    labels = {"target_values": target, "batch_labels": torch.tensor([0, 1, 1, 0])}
+    assert "loss_spread" not in IntegrationObjective()(out, labels, mask)[1]
     w = ObjectiveWeights(zero_prob=0, gepc=0, gepc_zero_prob=0, ecs_weight=0, dab_weight=0)
     base, _ = IntegrationObjective(w)(out, {"target_values": target}, mask)
     w.spread_weight = 3.0
