@@ -113,6 +113,9 @@ class ModelSection:
     dab: bool = True
     dsbn: bool = True
     dsbn_mode: str = "per_cell"
+    #: "random" (scGPT) or "pca": from scratch, gene embeddings start as the HVGs' PCA
+    #: loadings on the binned training cells (needs objective.gepc_genes=all)
+    gene_init: str = "random"
 
 
 @dataclass
@@ -193,6 +196,13 @@ class IntegrationConfig:
             )
         if d.max_cells is not None and d.max_cells < 10:
             raise InputError(f"data.max_cells must be >= 10 (got {d.max_cells}) or unset")
+        if self.model.gene_init not in ("random", "pca"):
+            raise InputError(f"model.gene_init must be random or pca, got {self.model.gene_init!r}")
+        if self.model.gene_init == "pca" and o.gepc_genes != "all":
+            raise InputError(
+                "model.gene_init=pca reads the dense values of objective.gepc_genes=all; set "
+                "--set objective.gepc_genes=all or model.gene_init=random"
+            )
         if d.stream_sample_cells < 100:
             raise InputError(
                 f"--stream-sample-cells must be >= 100 (got {d.stream_sample_cells}): HVGs "

@@ -215,6 +215,10 @@ def train_integration_model(
 
     model = _build_model(cfg, vocab, n_batches, pretrained)
     model.vocab = vocab  # type: ignore[attr-defined]
+    if cfg.model.gene_init == "pca" and pretrained is None:
+        from celltune.tasks.integration.gene_init import pca_gene_init
+
+        pca_gene_init(model, train_loader)  # a resumed run loads its checkpoint over it
     apply_finetune(model, cfg.finetune, pretrained=pretrained is not None)
     objective = _objective(cfg)
     mask_value = cfg.tokens.mask_value
