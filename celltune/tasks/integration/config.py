@@ -198,11 +198,6 @@ class IntegrationConfig:
             raise InputError(f"data.max_cells must be >= 10 (got {d.max_cells}) or unset")
         if self.model.gene_init not in ("random", "pca"):
             raise InputError(f"model.gene_init must be random or pca, got {self.model.gene_init!r}")
-        if self.model.gene_init == "pca" and o.gepc_genes != "all":
-            raise InputError(
-                "model.gene_init=pca reads the dense values of objective.gepc_genes=all; set "
-                "--set objective.gepc_genes=all or model.gene_init=random"
-            )
         if d.stream_sample_cells < 100:
             raise InputError(
                 f"--stream-sample-cells must be >= 100 (got {d.stream_sample_cells}): HVGs "

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from celltune.errors import InputError
+
 logger = logging.getLogger("celltune.tasks.integration")
 
 GENE_INITS = ("random", "pca")
@@ -39,7 +41,10 @@ def collect_dense_values(
         if n >= max_cells:
             break
     if not rows or ids is None:
-        raise ValueError("no dense values")
+        raise InputError(
+            "model.gene_init=pca reads the dense values of objective.gepc_genes=all (the "
+            "from-scratch recipe's); set --set objective.gepc_genes=all or model.gene_init=random"
+        )
     return torch.cat(rows)[:max_cells], ids.long()
 
 
