@@ -93,3 +93,40 @@ def test_gepc_scores_every_gene_when_asked(cells):
     # scGPT's GEPC (input tokens, masked positions) is what runs without the dense targets
     out_in = model(b["gene_ids"], b["values"], padding_mask=b["padding_mask"], MVC=True)
     assert out_in["mvc_output"].shape == b["gene_ids"].shape
+
+
+def test_pca_gene_init_sets_each_gene_to_its_principal_axes(cells):
+    """model.gene_init=pca: the HVGs' embedding rows are their PCA loadings (issue 16)."""
+    from celltune.errors import InputError
+    from celltune.tasks.integration.gene_init import pca_gene_init
+
+    vocab = cells[1]
+    batches = [_batch(cells, dense=True, n=40)]
+    torch.manual_seed(0)
+    model = CellTransformer(
+        ModelConfig(
+            ntoken=len(vocab),
+            pad_id=vocab.pad_id,
+            d_model=16,
+            nhead=2,
+            d_hid=16,
+            nlayers=1,
+            do_mvc=True,
+        ),
+        vocab=vocab,
+    )
+    before = model.encoder.embedding.weight.detach().clone()
+    assert pca_gene_init(model, batches) == 40
+    ids = batches[0]["all_gene_ids"]
+    X = batches[0]["all_values"].double().numpy()
+    _, s, vt = np.linalg.svd(X - X.mean(0), full_matrices=False)
+    got = model.encoder.embedding.weight.detach()[ids].double().numpy()
+    for k in range(3):  # each of the top axes, up to its sign (and a common scale)
+        want = vt[k] * s[k]
+        cos = got[:, k] @ want / (np.linalg.norm(got[:, k]) * np.linalg.norm(want))
+        assert abs(cos) > 0.999, (k, cos)
+    others = torch.ones(len(vocab), dtype=torch.bool)
+    others[ids] = False
+    assert torch.equal(model.encoder.embedding.weight.detach()[others], before[others])
+    with pytest.raises(InputError, match="gepc_genes=all"):  # no dense values to read
+        pca_gene_init(model, [_batch(cells, dense=False)])
