@@ -91,13 +91,22 @@ def run(cmd: list[str], log: Path) -> float:
 
 
 def integrate(data: Path, out: Path, seed: int, extra: list[str]) -> dict[str, Any]:
+    """One ``celltune integrate`` run; a finished run in ``out`` (``--work``) is reused,
+    so a stopped benchmark continues where it was."""
+    done = out / "metrics.json"
+    if done.is_file() and (out / "wall_s.txt").is_file():
+        return {
+            "wall_s": float((out / "wall_s.txt").read_text()),
+            "metrics": json.loads(done.read_text()),
+        }
     cmd = [
         sys.executable, "-m", "celltune", "integrate", str(data), "--batch-key",
         "batch", "--label-key", "cell_type", "--out", str(out), "--baselines", "pca,harmony",
         "--seed", str(seed), "--quiet", "--set", "eval.umap=false", *extra,
     ]  # fmt: skip
     wall = run(cmd, out.with_suffix(".log"))
-    metrics = json.loads((out / "metrics.json").read_text())
+    (out / "wall_s.txt").write_text(f"{wall:.1f}")
+    metrics = json.loads(done.read_text())
     return {"wall_s": wall, "metrics": metrics}
 
 
@@ -130,12 +139,17 @@ def main() -> None:
         hw.mkdir(exist_ok=True)
         files, dropped = pretraining_files(held, hw)
         pt = hw / "pretrain"
+        pt_done = pt / "model" / "best_model.pt"
         cmd = [
             sys.executable, "-m", "celltune", "pretrain", *map(str, files), "--out",
             str(pt), "--config", str(work / "pretrain.yaml"), "--max-steps",
             str(args.pretrain_steps), "--epochs", "100", "--quiet",
         ]  # fmt: skip
-        pt_wall = run(cmd, hw / "pretrain.log")
+        if pt_done.is_file() and (pt / "wall_s.txt").is_file():
+            pt_wall = float((pt / "wall_s.txt").read_text())
+        else:
+            pt_wall = run(cmd, hw / "pretrain.log")
+            (pt / "wall_s.txt").write_text(f"{pt_wall:.1f}")
         runs = []
         for seed in seeds:
             pre = integrate(
