@@ -6,6 +6,9 @@ average-pooled token embedding starts near the mean of its expressed genes' embe
 with each gene's embedding set to its row of the principal axes of the binned training
 cells (all HVGs, zeros included), that mean starts as a PCA-like projection of the cell
 instead of a random one, and training (DAB, DSBN, GEPC) refines it from there.
+Measured in docs/integration-recipe.md (round 4): it helps on some seeds, not reliably,
+so it is off by default. Under DDP each rank reads its own cells; DDP then broadcasts
+rank 0's weights, so every rank starts from the same model.
 """
 
 from __future__ import annotations
@@ -20,8 +23,6 @@ from torch import nn
 from celltune.errors import InputError
 
 logger = logging.getLogger("celltune.tasks.integration")
-
-GENE_INITS = ("random", "pca")
 
 
 def collect_dense_values(
