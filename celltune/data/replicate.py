@@ -31,13 +31,11 @@ def replicate_h5ad(
 ) -> Path:
     """Write ``src`` repeated ``factor`` times as a CSR ``.h5ad`` (obs, var and X; ``uns``
     too when asked, e.g. the GEARS DE genes of a prepared perturbation file).
-
     For scale tests and benchmarks: the output (e.g. 1.2M cells) is written chunk by chunk
     through h5py, so memory is that of the source's rows and the output's ``obs``, never
     the output matrix. Cell names get a ``-<replicate>`` suffix so they stay unique (and
-    replicated cells get their own binning draws). Written atomically, gzip-compressed like
-    every ``.h5ad`` celltune writes; the streaming benchmarks pass ``compression=None`` so
-    their read figures measure the raw matrix.
+    replicated cells get their own binning draws). Written atomically, gzip-compressed
+    (the streaming benchmarks pass ``compression=None``).
     """
     import anndata
     import h5py

@@ -189,9 +189,7 @@ def scvi_embedding(
     work = ad.AnnData(X=X, obs={"batch": batches})
     work.obs_names = adata.obs_names
     t0 = time.perf_counter()
-    # before the seed: its setter logs "Seed set to 0" through lightning.fabric's own INFO
-    # handler and again through the root logger
-    for name in _QUIET_LOGGERS:
+    for name in _QUIET_LOGGERS:  # before the seed, whose setter logs "Seed set to 0" twice
         logging.getLogger(name).setLevel(logging.WARNING)
     scvi.settings.seed = seed
     with warnings.catch_warnings():
