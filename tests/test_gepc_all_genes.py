@@ -43,6 +43,16 @@ def _batch(cells, dense: bool, n: int = 8) -> dict[str, torch.Tensor]:
     return coll([ds[i] for i in range(n)])
 
 
+def _tiny_model(vocab) -> CellTransformer:
+    """A seeded one-layer model with the GEPC (MVC) head."""
+    torch.manual_seed(0)
+    config = ModelConfig(
+        ntoken=len(vocab), pad_id=vocab.pad_id, d_model=16, nhead=2, d_hid=16, nlayers=1,
+        do_mvc=True, explicit_zero_prob=True,
+    )  # fmt: skip
+    return CellTransformer(config, vocab=vocab)
+
+
 def test_dense_targets_are_the_binned_rows_of_kept_genes(cells):
     a, _, ds = cells
     b = _batch(cells, dense=True)
@@ -61,20 +71,7 @@ def test_dense_targets_are_the_binned_rows_of_kept_genes(cells):
 def test_gepc_scores_every_gene_when_asked(cells):
     _, vocab, _ = cells
     b = _batch(cells, dense=True)
-    torch.manual_seed(0)
-    model = CellTransformer(
-        ModelConfig(
-            ntoken=len(vocab),
-            pad_id=vocab.pad_id,
-            d_model=16,
-            nhead=2,
-            d_hid=16,
-            nlayers=1,
-            do_mvc=True,
-            explicit_zero_prob=True,
-        ),
-        vocab=vocab,
-    )
+    model = _tiny_model(vocab)
     out = model(
         b["gene_ids"],
         b["values"],
@@ -102,19 +99,7 @@ def test_pca_gene_init_sets_each_gene_to_its_principal_axes(cells):
 
     vocab = cells[1]
     batches = [_batch(cells, dense=True, n=40)]
-    torch.manual_seed(0)
-    model = CellTransformer(
-        ModelConfig(
-            ntoken=len(vocab),
-            pad_id=vocab.pad_id,
-            d_model=16,
-            nhead=2,
-            d_hid=16,
-            nlayers=1,
-            do_mvc=True,
-        ),
-        vocab=vocab,
-    )
+    model = _tiny_model(vocab)
     before = model.encoder.embedding.weight.detach().clone()
     assert pca_gene_init(model, batches) == 40
     ids = batches[0]["all_gene_ids"]
