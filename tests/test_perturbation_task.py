@@ -646,14 +646,3 @@ def test_cli_train_predict_evaluate_and_errors(
         assert exc.value.code == 2
         err = capsys.readouterr().err
         assert err.startswith("Error:") and needle in err, err
-
-
-def test_train_refuses_torchrun(
-    adamson_mini_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Under torchrun every rank would train a full copy and write the same files."""
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(InputError, match=r"single process.*celltune integrate"):
-        train_perturbation_model(adamson_mini_path, tmp_path / "run")
-    assert not (tmp_path / "run").exists()

@@ -118,9 +118,14 @@ Examples:
 
   celltune perturb train big.h5ad --out runs/big --stream         # file larger than memory
 
+  celltune perturb train data.h5ad --out runs/ddp --devices 2     # DDP via torchrun
+
 --stream reads the prepared file from disk: obs (conditions, splits) and uns (DE genes)
 are loaded, expression rows are read per mini-batch (the batch's cells and their control
 partners), so memory does not grow with the number of cells; same model as without it.
+
+--devices N trains on N processes (torchrun; one GPU each, or CPU cores shared): each
+takes --batch-size cells of every mini-batch, so the global batch is N x --batch-size.
 
 Any config key can be set with --set section.key=value (repeatable), e.g.
 --set model.decoder=affine --set data.max_cells_per_condition=500.
@@ -180,16 +185,26 @@ def train_cmd(
         help="Read expression rows from the file per mini-batch instead of loading it "
         "(data.stream; the file needs its GEARS DE genes, as 'prepare' writes them).",
     ),
+    devices: int | None = typer.Option(
+        None,
+        "--devices",
+        help="Train on N processes (DDP via torchrun; --batch-size cells per process).",
+    ),
 ) -> None:
     """Train the perturbation-flag transformer (control cell in, perturbed cell out).
 
     Selects the model on validation pearson_delta, early stopping with patience; writes
     OUT/model/ (scGPT format), history.csv, config.yaml, controls.h5ad and run.json.
     """
+    from celltune.cli.launch import relaunch_under_torchrun
     from celltune.tasks.config import apply_overrides
     from celltune.tasks.perturbation import load_perturb_config, train_perturbation_model
+    from celltune.train import distributed as dist_utils
 
     _setup_logging()
+    code = relaunch_under_torchrun(devices, device)
+    if code is not None:
+        raise typer.Exit(code)
     cfg = load_perturb_config(config)
     cfg = apply_overrides(cfg, list(set_ or []))
     cfg = apply_overrides(
@@ -209,6 +224,8 @@ def train_cmd(
     )
     cfg.validate()
     run = train_perturbation_model(data, out, cfg, resume=resume)
+    if not dist_utils.is_main_process():
+        return
     info = run.info
     typer.echo(
         f"trained {info['epochs_run']} epoch(s) in {info['fit_seconds']:.0f} s; best "

@@ -1,14 +1,22 @@
 """``train_perturbation_model``: fine-tune the perturbation-flag transformer (SPEC §6).
 
-The steps, one function each: open the run (refuse torchrun, refuse to overwrite a run),
+The steps, one function each: open the run (join the torchrun group, refuse to overwrite a
+run),
 resolve genes against the model's vocabulary, check which perturbations the model can
 learn, choose validation cells, build the paired loader, fit with the shared
 :class:`~celltune.train.loop.Trainer`, then write the control pool and ``run.json``
 (the run directory is described in :mod:`celltune.tasks.perturbation.rundir`).
+
+Under torchrun (``--devices N``) every rank takes its share of each global mini-batch
+(``train.batch_size`` cells per rank), DDP averages the gradients, and rank 0 alone
+writes the run directory; each cell's control partner and gene subset come from its own
+seeded stream, so the ranks together see what one process would with ``N`` times the
+batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -60,10 +68,25 @@ class PerturbationRun:
 
 class _EpochShuffle(torch.utils.data.Sampler[list[int]]):
     """Seeded per-epoch shuffled mini-batches: an uninterrupted and a resumed run see the
-    same order, and ``set_epoch`` re-draws the control partners and gene subsets too."""
+    same order, and ``set_epoch`` re-draws the control partners and gene subsets too.
 
-    def __init__(self, n: int, batch_size: int, seed: int, followers: Sequence[Any]) -> None:
+    With ``world > 1`` the shuffle cuts global batches of ``batch_size * world`` cells and
+    rank ``rank`` takes every ``world``-th cell of each (disjoint shares, one global order
+    for all ranks); a last global batch too small to give every rank a cell is dropped,
+    since a rank without a batch would stall the others in DDP's gradient all-reduce."""
+
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        seed: int,
+        followers: Sequence[Any],
+        *,
+        rank: int = 0,
+        world: int = 1,
+    ) -> None:
         self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.rank, self.world = rank, world
         self.followers = list(followers)
         self.epoch = 0
 
@@ -72,13 +95,19 @@ class _EpochShuffle(torch.utils.data.Sampler[list[int]]):
         for f in self.followers:
             f.set_epoch(epoch)
 
+    def _global_batches(self) -> list[tuple[int, int]]:
+        step = self.batch_size * self.world
+        return [
+            (i, min(i + step, self.n)) for i in range(0, self.n, step) if self.n - i >= self.world
+        ]
+
     def __len__(self) -> int:
-        return (self.n + self.batch_size - 1) // self.batch_size
+        return len(self._global_batches())
 
     def __iter__(self) -> Iterator[list[int]]:
         order = np.random.default_rng([self.seed, self.epoch, 7]).permutation(self.n)
-        for i in range(0, self.n, self.batch_size):
-            yield order[i : i + self.batch_size].tolist()
+        for start, stop in self._global_batches():
+            yield order[start:stop][self.rank :: self.world].tolist()
 
 
 @dataclass
@@ -120,13 +149,17 @@ def train_perturbation_model(
     The run directory is locked while training (a second run into it is refused) and gets
     ``manifest.json`` last (docs/reliability.md)."""
     from celltune.files import RunLock, clean_orphan_temps, input_record, write_manifest
+    from celltune.train import distributed as dist_utils
 
     cfg, out = _open_run(out_dir, config, resume=resume, quiet=quiet)
-    with RunLock(out):
-        clean_orphan_temps(out)
+    main = dist_utils.is_main_process()  # rank 0 owns and alone writes the run directory
+    with RunLock(out) if main else contextlib.nullcontext():
+        if main:
+            clean_orphan_temps(out)
         run = _train(data, cfg, out, resume)
-        inputs = input_record(data=data) if isinstance(data, (str, os.PathLike)) else {}
-        write_manifest(out, "perturb train", inputs, [])
+        if main:
+            inputs = input_record(data=data) if isinstance(data, (str, os.PathLike)) else {}
+            write_manifest(out, "perturb train", inputs, [])
     return run
 
 
@@ -165,6 +198,8 @@ def _train(
         len(val_cells),
     )
     model, history, trainer, fit_s = _fit(g, val, loader, cfg, out, resume=resume)
+    if not trainer.is_main:  # the other ranks are done: rank 0 writes what follows
+        return PerturbationRun(out_dir=out, model=model, history=history, info=dict(g.info))
 
     # control pool for `predict` (same gene order as the model's gene list)
     pool_n = min(cfg.data.control_pool, len(control_train))
@@ -224,12 +259,7 @@ def _open_run(
     """The validated configuration and the run directory (refusing what cannot work)."""
     from celltune.train import distributed as dist_utils
 
-    if dist_utils.launched_by_torchrun():
-        # Its loaders and files are not rank-aware yet: refuse rather than train N copies.
-        raise InputError(
-            "perturb train runs in a single process; multi-process (torchrun / --devices) "
-            "training is implemented for `celltune integrate` only. Run it without torchrun"
-        )
+    dist_utils.init_distributed()  # under torchrun: the sampler below must see the group
     cfg = config or PerturbConfig()
     if quiet is not None:
         cfg = dataclasses.replace(cfg, train=cfg.train.replace(quiet=quiet))
@@ -363,7 +393,16 @@ def _train_loader(
         seed=cfg.train.seed,
         n_measured=pdata.n_measured,
     )
-    sampler = _EpochShuffle(len(dataset), cfg.train.batch_size, cfg.train.seed, [dataset, collator])
+    from celltune.train import distributed as dist_utils
+
+    sampler = _EpochShuffle(
+        len(dataset),
+        cfg.train.batch_size,
+        cfg.train.seed,
+        [dataset, collator],
+        rank=dist_utils.rank(),
+        world=dist_utils.world_size(),
+    )
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, collate_fn=collator, num_workers=cfg.train.num_workers
     )
@@ -412,10 +451,15 @@ def _fit(
         )
 
     trainer = Trainer(g.model, cfg.train, step_fn=step_fn, eval_fn=eval_fn, out_dir=out)
-    dump_config(cfg, out / "config.yaml", header="celltune perturb train: resolved configuration")
+    if trainer.is_main:
+        dump_config(
+            cfg, out / "config.yaml", header="celltune perturb train: resolved configuration"
+        )
     t_fit = time.perf_counter()
     history = trainer.fit(loader, resume=resume)
     fit_s = time.perf_counter() - t_fit
+    if not trainer.is_main:
+        return trainer.module, history, trainer, fit_s
     model = trainer.best_model()
     save_model(model, out / "model", g.vocab)
     return model, history, trainer, fit_s
