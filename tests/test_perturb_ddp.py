@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from celltune.tasks.perturbation import PerturbConfig, train_perturbation_model
-from celltune.tasks.perturbation.train import _EpochShuffle
+from celltune.tasks.perturbation.pairing import EpochShuffle
 
 LR = 1e-3
 STEPS = 3
@@ -46,15 +46,15 @@ def train(data: str, out: str, batch_size: int) -> dict[str, torch.Tensor]:
 
 
 def test_sampler_shares_are_disjoint_and_cover_the_global_batches() -> None:
-    one = list(_EpochShuffle(103, 10, seed=3, followers=[]))
-    shares = [list(_EpochShuffle(103, 5, seed=3, followers=[], rank=r, world=2)) for r in (0, 1)]
+    one = list(EpochShuffle(103, 10, seed=3, followers=[]))
+    shares = [list(EpochShuffle(103, 5, seed=3, followers=[], rank=r, world=2)) for r in (0, 1)]
     assert len(shares[0]) == len(shares[1]) == len(one) == 11
     for b, (s0, s1) in enumerate(zip(*shares, strict=True)):
         assert not set(s0) & set(s1)
         assert sorted(s0 + s1) == sorted(one[b])  # the ranks together = the global batch
     # a last global batch with fewer cells than ranks is dropped (DDP would stall)
-    assert len(list(_EpochShuffle(21, 5, seed=3, followers=[], rank=1, world=2))) == 2
-    assert len(list(_EpochShuffle(21, 5, seed=3, followers=[], rank=1, world=3))) == 2
+    assert len(list(EpochShuffle(21, 5, seed=3, followers=[], rank=1, world=2))) == 2
+    assert len(list(EpochShuffle(21, 5, seed=3, followers=[], rank=1, world=3))) == 2
 
 
 @pytest.fixture(scope="module")

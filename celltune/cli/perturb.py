@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -224,9 +225,12 @@ def train_cmd(
     )
     cfg.validate()
     run = train_perturbation_model(data, out, cfg, resume=resume)
-    if not dist_utils.is_main_process():
-        return
-    info = run.info
+    if dist_utils.is_main_process():
+        _report_train(run.info, out)
+
+
+def _report_train(info: dict[str, Any], out: Path) -> None:
+    """The few lines ``perturb train`` prints when it is done (rank 0)."""
     typer.echo(
         f"trained {info['epochs_run']} epoch(s) in {info['fit_seconds']:.0f} s; best "
         f"val pearson_delta {info['best_val_pearson_delta']:.4f} at epoch {info['best_epoch']}"

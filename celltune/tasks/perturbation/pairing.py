@@ -18,7 +18,7 @@ quietly, so they are kept small, pure and unit-tested here.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -257,6 +257,50 @@ class PerturbationCollator:
             cell_index=[it.index for it in items],
             n_measured=self.n_measured,
         )
+
+
+class EpochShuffle(torch.utils.data.Sampler[list[int]]):
+    """Seeded per-epoch shuffled mini-batches: an uninterrupted and a resumed run see the
+    same order, and ``set_epoch`` re-draws the control partners and gene subsets too.
+
+    With ``world > 1`` the shuffle cuts global batches of ``batch_size * world`` cells and
+    rank ``rank`` takes every ``world``-th cell of each (disjoint shares, one global order
+    for all ranks); a last global batch too small to give every rank a cell is dropped,
+    since a rank without a batch would stall the others in DDP's gradient all-reduce."""
+
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        seed: int,
+        followers: Sequence[Any],
+        *,
+        rank: int = 0,
+        world: int = 1,
+    ) -> None:
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.rank, self.world = rank, world
+        self.followers = list(followers)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        for f in self.followers:
+            f.set_epoch(epoch)
+
+    def _global_batches(self) -> list[tuple[int, int]]:
+        step = self.batch_size * self.world
+        return [
+            (i, min(i + step, self.n)) for i in range(0, self.n, step) if self.n - i >= self.world
+        ]
+
+    def __len__(self) -> int:
+        return len(self._global_batches())
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = np.random.default_rng([self.seed, self.epoch, 7]).permutation(self.n)
+        for start, stop in self._global_batches():
+            yield order[start:stop][self.rank :: self.world].tolist()
 
 
 def build_batch(

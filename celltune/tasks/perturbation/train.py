@@ -21,7 +21,6 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,7 +42,11 @@ from celltune.tasks.perturbation.data import (
     resolve_data,
 )
 from celltune.tasks.perturbation.model import build_model, forward
-from celltune.tasks.perturbation.pairing import PerturbationCollator, PerturbationPairs
+from celltune.tasks.perturbation.pairing import (
+    EpochShuffle,
+    PerturbationCollator,
+    PerturbationPairs,
+)
 from celltune.tasks.perturbation.rundir import write_controls
 from celltune.tasks.perturbation.stream import rows_mean
 from celltune.tasks.perturbation.validation import choose_validation, validation_metrics
@@ -64,50 +67,6 @@ class PerturbationRun:
     model: torch.nn.Module
     history: Any
     info: dict[str, Any]
-
-
-class _EpochShuffle(torch.utils.data.Sampler[list[int]]):
-    """Seeded per-epoch shuffled mini-batches: an uninterrupted and a resumed run see the
-    same order, and ``set_epoch`` re-draws the control partners and gene subsets too.
-
-    With ``world > 1`` the shuffle cuts global batches of ``batch_size * world`` cells and
-    rank ``rank`` takes every ``world``-th cell of each (disjoint shares, one global order
-    for all ranks); a last global batch too small to give every rank a cell is dropped,
-    since a rank without a batch would stall the others in DDP's gradient all-reduce."""
-
-    def __init__(
-        self,
-        n: int,
-        batch_size: int,
-        seed: int,
-        followers: Sequence[Any],
-        *,
-        rank: int = 0,
-        world: int = 1,
-    ) -> None:
-        self.n, self.batch_size, self.seed = n, batch_size, seed
-        self.rank, self.world = rank, world
-        self.followers = list(followers)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        for f in self.followers:
-            f.set_epoch(epoch)
-
-    def _global_batches(self) -> list[tuple[int, int]]:
-        step = self.batch_size * self.world
-        return [
-            (i, min(i + step, self.n)) for i in range(0, self.n, step) if self.n - i >= self.world
-        ]
-
-    def __len__(self) -> int:
-        return len(self._global_batches())
-
-    def __iter__(self) -> Iterator[list[int]]:
-        order = np.random.default_rng([self.seed, self.epoch, 7]).permutation(self.n)
-        for start, stop in self._global_batches():
-            yield order[start:stop][self.rank :: self.world].tolist()
 
 
 @dataclass
@@ -395,7 +354,7 @@ def _train_loader(
     )
     from celltune.train import distributed as dist_utils
 
-    sampler = _EpochShuffle(
+    sampler = EpochShuffle(
         len(dataset),
         cfg.train.batch_size,
         cfg.train.seed,
